@@ -1,0 +1,54 @@
+# ambient-agent: one-command set-up, test and demo.
+# Every target is idempotent and runs as root on a fresh Debian 12 machine.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+VPY         := $(VENV)/bin/python
+KREL        := $(shell uname -r)
+STAMP       := $(VENV)/.stamp-setup
+DEBS        := python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plugins \
+               iproute2 tcpdump socat nghttp2-proxy tinyproxy
+BCC_DIR     := /usr/lib/python3/dist-packages/bcc
+
+.PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean
+
+setup: $(STAMP) kernel-headers
+
+# Debian packages: apt-get update only when something is missing.
+.debs-ok:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# BCC compiles against Debian's 6.1 headers: point the running kernel's build/source links at them.
+kernel-headers: .debs-ok
+	@mkdir -p /lib/modules/$(KREL)
+	@hdr=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n1); \
+	 common=$$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -n1); \
+	 [ -e /lib/modules/$(KREL)/build ] || ln -sfn $$hdr /lib/modules/$(KREL)/build; \
+	 [ -e /lib/modules/$(KREL)/source ] || ln -sfn $$common /lib/modules/$(KREL)/source
+	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+$(STAMP): pyproject.toml | .debs-ok
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	@# Debian's bcc is pure Python over libbcc: expose only that one directory to the venv.
+	@site=$$($(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	 mkdir -p $(VENV)/debian-bcc && ln -sfn $(BCC_DIR) $(VENV)/debian-bcc/bcc && \
+	 echo "$(abspath $(VENV))/debian-bcc" > $$site/debian-bcc.pth
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: setup
+	$(VPY) -m pytest -ra tests
+
+unit: setup
+	$(VPY) -m pytest -ra tests/unit
+
+demo: setup
+	$(VPY) -m agent.lab.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

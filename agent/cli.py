@@ -1,0 +1,39 @@
+"""ambient-agent command line: one entry point, one sub-command per job.
+
+Sub-commands register themselves through small ``add_parser`` functions in
+their own modules, so that importing the CLI stays cheap and each feature
+owns its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ambient-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from agent import daemon
+    from agent.lab import cli as lab_cli
+
+    daemon.add_parser(sub)
+    lab_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
