@@ -1,0 +1,110 @@
+/* Hook: cgroup/connect4 and cgroup/connect6 (BPF_CGROUP_INET{4,6}_CONNECT),
+ * attached with BPF_F_ALLOW_MULTI at the cgroup v2 root; context bpf_sock_addr.
+ *
+ * Outbound capture: a TCP connect() from an enrolled pod's network namespace
+ * (looked up by netns cookie) to anything but loopback or the pod's own
+ * address is rewritten to the agent's outbound listener on loopback port
+ * 15001 in that same namespace. The original destination is remembered by
+ * socket cookie; sockops.c re-keys it by source port once one is chosen.
+ *
+ * If the agent is dead, the rewritten connect() finds no listener and fails
+ * with ECONNREFUSED: traffic never leaves uncaptured.
+ *
+ * Byte order: user_ip4/user_ip6 network order, user_port network order in
+ * the low 16 bits.
+ */
+#include "common.h"
+
+static __always_inline int agent_socket(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 0;
+    return (sk->mark & AGENT_MARK_MASK) == AGENT_MARK;
+}
+
+int ambient_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM)
+        return 1;
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    struct pod_config *pod = pod_config.lookup(&netns);
+    if (!pod)
+        return 1;
+    if (agent_socket(ctx)) {
+        count(STAT_OUTBOUND_EXEMPT_MARK);
+        return 1;
+    }
+    __u32 dst = ctx->user_ip4;
+    __u32 host = bpf_ntohl(dst);
+    if ((host >> 24) == 127 || host == 0)
+        return 1;                         /* loopback and "this host" */
+    if ((pod->flags & POD_IPV4) && dst == pod->ip4)
+        return 1;                         /* intra-pod traffic */
+
+    struct orig_dst od = {};
+    od.family = AF_INET;
+    od.port = bpf_ntohs((__u16)ctx->user_port);
+    od.ip[0] = dst;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    pending_dst.update(&cookie, &od);
+
+    ctx->user_ip4 = bpf_htonl(0x7f000001);
+    ctx->user_port = bpf_htons(OUTBOUND_PORT);
+    count(STAT_OUTBOUND_CAPTURED);
+    return 1;
+}
+
+int ambient_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != SOCK_STREAM)
+        return 1;
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    struct pod_config *pod = pod_config.lookup(&netns);
+    if (!pod)
+        return 1;
+    if (agent_socket(ctx)) {
+        count(STAT_OUTBOUND_EXEMPT_MARK);
+        return 1;
+    }
+    __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
+    __u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+    struct orig_dst od = {};
+    od.port = bpf_ntohs((__u16)ctx->user_port);
+
+    if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
+        /* IPv4-mapped: a dual-stack socket reaching an IPv4 peer. The
+         * connect4 hook does not run for it, so capture it here and
+         * redirect to ::ffff:127.0.0.1 (the IPv4 listener). */
+        __u32 host = bpf_ntohl(a3);
+        if ((host >> 24) == 127 || host == 0)
+            return 1;
+        if ((pod->flags & POD_IPV4) && a3 == pod->ip4)
+            return 1;
+        od.family = AF_INET;
+        od.ip[0] = a3;
+        __u64 cookie = bpf_get_socket_cookie(ctx);
+        pending_dst.update(&cookie, &od);
+        ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+        ctx->user_port = bpf_htons(OUTBOUND_PORT);
+        count(STAT_OUTBOUND_CAPTURED);
+        return 1;
+    }
+    if (a0 == 0 && a1 == 0 && a2 == 0 && (a3 == 0 || a3 == bpf_htonl(1)))
+        return 1;                         /* :: and ::1 */
+    if ((pod->flags & POD_IPV6) && a0 == pod->ip6[0] && a1 == pod->ip6[1] &&
+        a2 == pod->ip6[2] && a3 == pod->ip6[3])
+        return 1;                         /* intra-pod traffic */
+
+    od.family = AF_INET6;
+    od.ip[0] = a0; od.ip[1] = a1; od.ip[2] = a2; od.ip[3] = a3;
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    pending_dst.update(&cookie, &od);
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = 0;
+    ctx->user_ip6[3] = bpf_htonl(1);
+    ctx->user_port = bpf_htons(OUTBOUND_PORT);
+    count(STAT_OUTBOUND_CAPTURED);
+    return 1;
+}
