@@ -1,0 +1,123 @@
+"""Per-pod capture: the agent's listeners inside a pod's network namespace.
+
+For each enrolled pod the agent holds, inside the pod's namespace:
+
+* outbound 127.0.0.1:15001 (and [::1]:15001 when the pod has IPv6
+  loopback), where connect4/6 send the pod's outbound connections;
+* inbound 127.0.0.1:15006 (plaintext) and 127.0.0.1:15008 (HBONE), where
+  sk_lookup hands connections arriving at the pod's addresses.
+
+Inbound listeners are bound to loopback on purpose: they are reachable only
+through sk_lookup steering, so when the agent is gone they disappear from
+the sockhash and the pod's ports refuse connections (fail closed).
+
+Order matters. Enrol: listeners, then inbound steering, then the outbound
+switch (pod_config), so no captured connection ever finds no listener
+while the agent is alive. Release: the reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from agent.capture.datapath import (HBONE_PORT, INBOUND_PORT, LISTENER_HBONE,
+                                    LISTENER_INBOUND, OUTBOUND_PORT, CaptureDatapath)
+from agent.netns import NetnsSwitcher, netns_cookie, open_netns
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 1024
+
+
+@dataclass
+class PodListeners:
+    netns_fd: int
+    cookie: int
+    outbound: list[socket.socket]
+    inbound: socket.socket
+    hbone: socket.socket
+
+    def all(self) -> list[socket.socket]:
+        return [*self.outbound, self.inbound, self.hbone]
+
+
+def _listen(family: int, addr: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((addr, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _open_listeners() -> tuple[list[socket.socket], socket.socket, socket.socket]:
+    """Runs inside the pod's namespace (on the netns thread)."""
+    made: list[socket.socket] = []
+    try:
+        made.append(_listen(socket.AF_INET, "127.0.0.1", OUTBOUND_PORT))
+        try:
+            made.append(_listen(socket.AF_INET6, "::1", OUTBOUND_PORT))
+        except OSError as exc:
+            # No IPv6 loopback in this pod: IPv6 connects it makes are still
+            # rewritten by connect6 and then refused, never leaked.
+            log.debug("no IPv6 outbound listener: %s", exc)
+        inbound = _listen(socket.AF_INET, "127.0.0.1", INBOUND_PORT)
+        made.append(inbound)
+        hbone = _listen(socket.AF_INET, "127.0.0.1", HBONE_PORT)
+        made.append(hbone)
+    except OSError:
+        for sock in made:
+            sock.close()
+        raise
+    return made[:-2], inbound, hbone
+
+
+class InPodCapture:
+    """Turns pods' capture on and off; owns their listeners."""
+
+    def __init__(self, datapath: CaptureDatapath, switcher: NetnsSwitcher) -> None:
+        self.datapath = datapath
+        self.switcher = switcher
+
+    def open(self, netns_path: str) -> PodListeners:
+        fd = open_netns(netns_path)
+        try:
+            outbound, inbound, hbone = self.switcher.run(fd, _open_listeners)
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(exc.errno, f"open listeners in {netns_path}: {exc.strerror}") from None
+        return PodListeners(fd, netns_cookie(inbound), outbound, inbound, hbone)
+
+    def enable(self, listeners: PodListeners, ips: list[str], probe_sources: list[str]) -> None:
+        dp = self.datapath
+        for ip in ips:
+            dp.set_listener(ip, LISTENER_INBOUND, listeners.inbound)
+            dp.set_listener(ip, LISTENER_HBONE, listeners.hbone)
+            dp.set_inbound(ip, probe_sources)
+        dp.attach_netns(listeners.cookie, listeners.netns_fd)
+        dp.set_outbound(listeners.cookie, ips)
+
+    def disable(self, cookie: int, ips: list[str]) -> None:
+        dp = self.datapath
+        dp.clear_outbound(cookie)
+        dp.detach_netns(cookie)
+        for ip in ips:
+            dp.clear_inbound(ip)
+
+    @staticmethod
+    def close(listeners: PodListeners) -> None:
+        for sock in listeners.all():
+            sock.close()
+        try:
+            os.close(listeners.netns_fd)
+        except OSError:
+            pass

@@ -1,0 +1,203 @@
+"""The agent's control socket: requests from the CNI plugin and from operators.
+
+Protocol (docs/ARCHITECTURE.md): one JSON object per line each way over a
+Unix stream socket that only root may use. ``parse_request`` is the pure,
+table-tested part; ``ControlServer`` is the socket shell around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+REQUEST_TIMEOUT_SECONDS = 5.0
+
+
+class ProtocolError(ValueError):
+    """A request that cannot be understood; the message says why."""
+
+
+@dataclass(frozen=True)
+class CniAdd:
+    namespace: str
+    name: str
+    uid: str
+    container_id: str
+    netns: str
+    interface: str
+    ips: tuple[str, ...]          # plain addresses, prefix length dropped
+    gateways: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CniDel:
+    namespace: str
+    name: str
+    uid: str
+    container_id: str
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    pass
+
+
+Request = CniAdd | CniDel | StatusRequest
+
+
+def _text(obj: dict, key: str, required: bool = True) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {key!r} must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise ProtocolError(f"field {key!r} is required")
+    if len(value) > 4096 or "\x00" in value:
+        raise ProtocolError(f"field {key!r} is not a plausible value")
+    return value
+
+
+def _addresses(obj: dict, key: str) -> tuple[str, ...]:
+    values = obj.get(key, [])
+    if not isinstance(values, list):
+        raise ProtocolError(f"field {key!r} must be a list of addresses")
+    out = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ProtocolError(f"field {key!r} holds a non-string {value!r}")
+        try:
+            out.append(str(ipaddress.ip_interface(value).ip))
+        except ValueError:
+            raise ProtocolError(f"field {key!r}: {value!r} is not an IP address") from None
+    return tuple(out)
+
+
+def parse_request(line: bytes) -> Request:
+    """Decode one request line into a typed request, or raise ProtocolError."""
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"request is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("request must be a JSON object")
+    op = obj.get("op")
+    if op == "cni-add":
+        netns = _text(obj, "netns")
+        if not netns.startswith("/"):
+            raise ProtocolError(f"field 'netns' must be an absolute path, got {netns!r}")
+        ips = _addresses(obj, "ips")
+        if not ips:
+            raise ProtocolError("field 'ips' is required: the pod has no address to capture")
+        return CniAdd(
+            namespace=_text(obj, "namespace"), name=_text(obj, "name"),
+            uid=_text(obj, "uid", required=False), container_id=_text(obj, "container_id", required=False),
+            netns=netns, interface=_text(obj, "interface", required=False) or "eth0",
+            ips=ips, gateways=_addresses(obj, "gateways"),
+        )
+    if op == "cni-del":
+        return CniDel(namespace=_text(obj, "namespace"), name=_text(obj, "name"),
+                      uid=_text(obj, "uid", required=False),
+                      container_id=_text(obj, "container_id", required=False))
+    if op == "status":
+        return StatusRequest()
+    raise ProtocolError(f"unknown op {op!r} (expected cni-add, cni-del or status)")
+
+
+Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+@dataclass
+class ControlServer:
+    path: str
+    handler: Handler
+    _server: asyncio.AbstractServer | None = field(default=None, init=False)
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)   # a previous agent's socket: nobody listens on it
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=self.path, limit=MAX_REQUEST_BYTES)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = _peer_uid(sock)
+            if uid != 0:
+                log.warning("control socket: refused a request from uid %d (root only)", uid)
+                await self._reply(writer, {"ok": False, "error": "only root may use the agent socket"})
+                return
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                await self._reply(writer, {"ok": False, "error": "no request within 5 s"})
+                return
+            except (asyncio.LimitOverrunError, ValueError):
+                await self._reply(writer, {"ok": False, "error": f"request longer than {MAX_REQUEST_BYTES} bytes"})
+                return
+            if not line.strip():
+                return
+            try:
+                request = parse_request(line)
+            except ProtocolError as exc:
+                log.warning("control socket: bad request: %s", exc)
+                await self._reply(writer, {"ok": False, "error": str(exc)})
+                return
+            try:
+                response = await self.handler(request)
+            except Exception as exc:  # one bad request never takes the agent down
+                log.exception("control socket: %s failed", type(request).__name__)
+                response = {"ok": False, "error": f"{type(request).__name__} failed: {exc}"}
+            await self._reply(writer, response)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, obj: dict) -> None:
+        writer.write(json.dumps(obj).encode() + b"\n")
+        await writer.drain()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+
+def request(path: str, obj: dict, timeout: float = 5.0) -> dict:
+    """Send one request to an agent's control socket (blocking client)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(obj).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    if not buf:
+        raise ConnectionError(f"agent at {path} closed the connection without answering")
+    return json.loads(buf)

@@ -1,0 +1,279 @@
+"""`ambient-agent run`: one node's agent.
+
+Start-up order: state source first (the rule needs it), then the BPF data
+path (replacing a previous agent's programs without a gap), then re-adoption
+of the pods a previous agent captured, then the control socket the CNI
+plugin talks to. After that, every state change is reconciled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from agent.capture.datapath import DEFAULT_CGROUP, CaptureDatapath, CaptureError
+from agent.capture.inpod import InPodCapture, PodListeners
+from agent.control import CniAdd, CniDel, ControlServer, Request, StatusRequest
+from agent.enrol.reconcile import desired, plan
+from agent.enrol.records import PodRecord, RecordStore
+from agent.enrol.rule import DEFAULT_EXCLUDED
+from agent.netns import NetnsSwitcher
+from agent.proxy.counters import PodCounters
+from agent.proxy.forward import PodProxy
+from agent.state.file import FileStateSource, parse_state_url
+from agent.state.model import ClusterState, StateError
+
+log = logging.getLogger("agent")
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    state_url: str
+    run_dir: str = "/run/ambient-agent"
+    pin_dir: str = "/sys/fs/bpf/ambient-agent"
+    cgroup: str = DEFAULT_CGROUP
+    excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED
+    connect_timeout: float = 5.0
+    drain_seconds: float = 5.0
+
+
+@dataclass
+class CapturedPod:
+    listeners: PodListeners
+    proxy: PodProxy
+
+
+class NodeAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.source = FileStateSource(parse_state_url(config.state_url))
+        self.state = ClusterState.from_items([])
+        self.datapath = CaptureDatapath(config.pin_dir, config.cgroup)
+        self.switcher = NetnsSwitcher()
+        self.inpod = InPodCapture(self.datapath, self.switcher)
+        self.records = RecordStore(os.path.join(config.run_dir, "pods"))
+        self.known: dict[str, PodRecord] = {}
+        self.captured: dict[str, CapturedPod] = {}
+        self.counters: dict[str, PodCounters] = {}
+        self.control = ControlServer(os.path.join(config.run_dir, "agent.sock"), self.handle)
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        self.state = self.source.load()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.datapath.load)
+        self._readopt()
+        await self.control.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        watcher = asyncio.ensure_future(self.source.watch(self._on_state))
+        log.info("node agent for %s ready: %d pods known, %d captured",
+                 self.config.node, len(self.known), len(self.captured))
+        try:
+            await self._stopping.wait()
+        finally:
+            watcher.cancel()
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let connections drain, exit.
+
+        Capture stays in place: after exit the pods' connections are refused
+        (fail closed) until an agent runs again.
+        """
+        log.info("shutting down: draining connections for up to %.1f s", self.config.drain_seconds)
+        await self.control.close()
+        for pod in self.captured.values():
+            await pod.proxy.stop_accepting()
+            for sock in pod.listeners.all():
+                sock.close()
+        await asyncio.gather(*(p.proxy.drain(self.config.drain_seconds)
+                               for p in self.captured.values()))
+        self.datapath.close()
+        self.switcher.close()
+
+    def _readopt(self) -> None:
+        """Take back the pods a previous agent captured (and forget vanished ones)."""
+        for rec in self.records.load_all():
+            if not os.path.exists(rec.netns):
+                log.info("pod %s: network namespace %s is gone; dropping its record", rec.key, rec.netns)
+                self._drop_stale(rec)
+                continue
+            self.known[rec.key] = rec
+            if rec.enrolled:
+                try:
+                    self._capture(rec)
+                    log.info("pod %s: re-adopted", rec.key)
+                except OSError as exc:
+                    log.error("pod %s: could not re-adopt: %s", rec.key, exc)
+        live = {rec.netns_cookie for rec in self.known.values() if rec.enrolled}
+        for cookie in self.datapath.enrolled_netns():
+            if cookie not in live:
+                log.info("removing stale capture of network namespace cookie %d", cookie)
+                self.datapath.clear_outbound(cookie)
+                self.datapath.detach_netns(cookie)
+        self._reconcile()
+
+    def _drop_stale(self, rec: PodRecord) -> None:
+        if rec.netns_cookie:
+            self.inpod.disable(rec.netns_cookie, rec.ips)
+        self.records.remove(rec)
+
+    # -- capture -----------------------------------------------------------
+
+    def _capture(self, rec: PodRecord) -> None:
+        listeners = self.inpod.open(rec.netns)
+        if rec.netns_cookie and rec.netns_cookie != listeners.cookie:
+            # Same path, different namespace: the old one's state is stale.
+            self.inpod.disable(rec.netns_cookie, rec.ips)
+        try:
+            self.inpod.enable(listeners, rec.ips, rec.gateways)
+        except OSError:
+            self.inpod.disable(listeners.cookie, rec.ips)
+            self.inpod.close(listeners)
+            raise
+        rec.netns_cookie = listeners.cookie
+        rec.enrolled = True
+        counters = self.counters.setdefault(rec.key, PodCounters())
+        proxy = PodProxy(rec.key, listeners, self.datapath, self.switcher, counters,
+                         self.config.connect_timeout)
+        proxy.start()
+        self.captured[rec.key] = CapturedPod(listeners, proxy)
+        self.records.save(rec)
+
+    def _release(self, rec: PodRecord) -> None:
+        pod = self.captured.pop(rec.key, None)
+        if rec.netns_cookie:
+            self.inpod.disable(rec.netns_cookie, rec.ips)
+        if pod is not None:
+            asyncio.ensure_future(pod.proxy.stop_accepting())
+            self.inpod.close(pod.listeners)
+        rec.enrolled = False
+
+    def _reconcile(self) -> None:
+        for change in plan(list(self.known.values()), self.state, self.config.excluded_namespaces):
+            rec = change.record
+            rec.reason = change.reason
+            if change.enrol:
+                try:
+                    self._capture(rec)
+                    log.info("pod %s: captured (%s)", rec.key, change.reason)
+                except OSError as exc:
+                    log.error("pod %s: capture failed: %s", rec.key, exc)
+            else:
+                self._release(rec)
+                self.records.save(rec)
+                log.info("pod %s: released (%s)", rec.key, change.reason)
+
+    def _on_state(self, state: ClusterState) -> None:
+        self.state = state
+        self._reconcile()
+
+    # -- control requests --------------------------------------------------
+
+    async def handle(self, request: Request) -> dict:
+        if isinstance(request, CniAdd):
+            return self._cni_add(request)
+        if isinstance(request, CniDel):
+            return self._cni_del(request)
+        if isinstance(request, StatusRequest):
+            return self.status()
+        return {"ok": False, "error": f"unsupported request {type(request).__name__}"}
+
+    def _cni_add(self, req: CniAdd) -> dict:
+        key = f"{req.namespace}/{req.name}"
+        # The pod may have been written to the state after our last poll.
+        try:
+            self.state = self.source.load()
+        except StateError as exc:
+            log.warning("cluster state unreadable, using the last good one: %s", exc)
+        decision = desired(self.state, req.namespace, req.name, req.uid,
+                           self.config.excluded_namespaces)
+        if decision is None:
+            return {"ok": False, "error": f"pod {key} (uid {req.uid or '?'}) is not in the cluster state yet"}
+        old = self.known.get(key)
+        if old is not None and (old.uid != req.uid or old.netns != req.netns):
+            self._release(old)
+            self.records.remove(old)
+        rec = PodRecord(namespace=req.namespace, name=req.name, uid=req.uid,
+                        container_id=req.container_id, netns=req.netns, ips=list(req.ips),
+                        gateways=list(req.gateways), enrolled=False, reason=decision.reason)
+        if old is not None and old.uid == req.uid and old.netns == req.netns:
+            rec = old    # a repeated ADD for the same sandbox: idempotent
+            rec.reason = decision.reason
+        self.known[key] = rec
+        if decision.enrolled and key not in self.captured:
+            try:
+                self._capture(rec)
+            except OSError as exc:
+                log.error("pod %s: capture failed: %s", key, exc)
+                return {"ok": False, "error": f"pod {key}: capture failed: {exc}"}
+            log.info("pod %s: enrolled (%s)", key, decision.reason)
+        else:
+            self.records.save(rec)
+        return {"ok": True, "enrolled": rec.enrolled, "reason": rec.reason}
+
+    def _cni_del(self, req: CniDel) -> dict:
+        key = f"{req.namespace}/{req.name}"
+        rec = self.known.get(key)
+        if rec is None or (req.uid and rec.uid and req.uid != rec.uid):
+            return {"ok": True}
+        self._release(rec)
+        self.records.remove(rec)
+        del self.known[key]
+        log.info("pod %s: removed (CNI DEL)", key)
+        return {"ok": True}
+
+    def status(self) -> dict:
+        pods = []
+        for key, rec in sorted(self.known.items()):
+            pods.append({
+                "namespace": rec.namespace, "name": rec.name, "uid": rec.uid,
+                "ips": rec.ips, "netns": rec.netns, "enrolled": rec.enrolled,
+                "reason": rec.reason,
+                "counters": self.counters.get(key, PodCounters()).as_dict(),
+            })
+        return {"ok": True, "node": self.config.node, "pods": pods,
+                "capture": self.datapath.stats()}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the node agent")
+    p.add_argument("--node", required=True, help="name of the node this agent serves")
+    p.add_argument("--state", default="file:/run/ambient-agent/state.json",
+                   help="cluster state source (file:PATH)")
+    p.add_argument("--run-dir", default="/run/ambient-agent",
+                   help="control socket and pod records")
+    p.add_argument("--pin-dir", default="/sys/fs/bpf/ambient-agent",
+                   help="where BPF maps, programs and links are pinned")
+    p.add_argument("--cgroup", default=DEFAULT_CGROUP,
+                   help="cgroup v2 directory the connect/sock_ops programs attach to")
+    p.add_argument("--exclude-namespace", action="append", dest="excluded",
+                   help="namespace never enrolled (repeatable; default kube-system)")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for an upstream connection")
+    p.add_argument("--drain-seconds", type=float, default=5.0,
+                   help="on SIGTERM, how long open connections may finish")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = AgentConfig(
+        node=args.node, state_url=args.state, run_dir=args.run_dir, pin_dir=args.pin_dir,
+        cgroup=args.cgroup,
+        excluded_namespaces=tuple(args.excluded) if args.excluded else DEFAULT_EXCLUDED,
+        connect_timeout=args.connect_timeout, drain_seconds=args.drain_seconds,
+    )
+    try:
+        asyncio.run(NodeAgent(config).run())
+    except CaptureError as exc:
+        log.error("cannot start capture: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,103 @@
+"""Bidirectional byte copy between two sockets with TCP semantics kept.
+
+* A FIN on one side becomes a shutdown(SHUT_WR) on the other (half-close),
+  so request/response protocols that close their sending side still work.
+* A reset on one side becomes a reset on the other (SO_LINGER 0 + close).
+* Byte counters advance as data flows, not only when the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from dataclasses import dataclass
+
+BUFFER_SIZE = 256 * 1024
+
+
+@dataclass
+class ByteCounter:
+    """Bytes moved in each direction of one connection, seen from the pod.
+
+    ``sent`` is what the pod's application sent to its peer, ``received``
+    what the peer sent back to the application.
+    """
+    sent: int = 0
+    received: int = 0
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with a TCP reset instead of a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class _Reset(Exception):
+    pass
+
+
+async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
+                counter: ByteCounter, attr: str, extra=None) -> None:
+    buf = bytearray(BUFFER_SIZE)
+    view = memoryview(buf)
+    while True:
+        try:
+            n = await loop.sock_recv_into(src, buf)
+        except (ConnectionResetError, BrokenPipeError):
+            raise _Reset()
+        if n == 0:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return
+        try:
+            await loop.sock_sendall(dst, view[:n])
+        except (ConnectionResetError, BrokenPipeError):
+            raise _Reset()
+        setattr(counter, attr, getattr(counter, attr) + n)
+        if extra is not None:
+            setattr(extra, attr, getattr(extra, attr) + n)
+
+
+async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
+                 totals: ByteCounter | None = None) -> str:
+    """Copy until both directions are done; returns how it ended ("closed" or "reset").
+
+    ``app`` is the socket facing the pod's application, ``peer`` the other
+    side; ``totals`` is an optional aggregate counter updated alongside.
+    Both sockets are closed on return.
+    """
+    loop = asyncio.get_running_loop()
+    up = asyncio.ensure_future(_pump(loop, app, peer, counter, "sent", totals))
+    down = asyncio.ensure_future(_pump(loop, peer, app, counter, "received", totals))
+    outcome = "closed"
+    try:
+        pending = {up, down}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:
+                    outcome = "reset"
+                    for other in pending:
+                        other.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    pending = set()
+                    break
+    except asyncio.CancelledError:
+        up.cancel()
+        down.cancel()
+        outcome = "reset"
+        raise
+    finally:
+        if outcome == "reset":
+            abort(app)
+            abort(peer)
+        else:
+            app.close()
+            peer.close()
+    return outcome
