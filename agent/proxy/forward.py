@@ -126,7 +126,10 @@ class PodProxy:
         counters.active += 1
         try:
             conn_bytes = ByteCounter()
-            outcome = await splice(conn, upstream, conn_bytes, counters)
+            # splice's first socket faces the pod's application: the accepted
+            # one outbound, the one the agent opened to the app inbound.
+            app, peer = (conn, upstream) if label == "outbound" else (upstream, conn)
+            outcome = await splice(app, peer, conn_bytes, counters)
         finally:
             counters.active -= 1
         log.debug("pod %s: %s to %s:%d %s, %d bytes sent, %d received", self.pod, label,

@@ -1,0 +1,107 @@
+"""Fixtures for end-to-end tests in a real pod lab (root, real kernel objects).
+
+Every lab gets a unique name and is torn down afterwards, also when the
+test fails; the session finaliser checks that nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.lab.lab import Lab
+
+PEER = str(Path(__file__).with_name("peer.py"))
+
+
+def unique_name(prefix: str = "t") -> str:
+    return prefix + secrets.token_hex(3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _must_be_root():
+    if os.geteuid() != 0:
+        pytest.fail("lab tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+
+
+class PodServers:
+    """Background peer.py servers started in pods; stopped at teardown."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.procs: list[subprocess.Popen] = []
+
+    def serve(self, pod: str, port: int, banner: str, host: str = "0.0.0.0") -> subprocess.Popen:
+        proc = self.lab.exec(pod, [sys.executable, PEER, "serve", str(port), banner, "--host", host],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            proc.kill()
+            raise AssertionError(f"server in {pod} did not start: {line} {proc.stderr.read()}")
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def connect(lab: Lab, pod: str, host: str, port: int, message: str = "hello",
+            mark: int = 0, timeout: float = 5.0, node: str | None = None) -> tuple[bool, str]:
+    """Run peer.py connect in a pod (or a node); (succeeded, banner or error name)."""
+    argv = [sys.executable, PEER, "connect", host, str(port), message, "--timeout", str(timeout)]
+    if mark:
+        argv += ["--mark", hex(mark)]
+    done = (lab.node_run(node, argv, timeout=timeout + 10) if node
+            else lab.run(pod, argv, timeout=timeout + 10))
+    lines = done.stdout.splitlines()
+    if done.returncode != 0:
+        return False, (lines[0] if lines else done.stderr.strip())
+    assert lines[1] == message, f"echo mismatch: {lines}"
+    return True, lines[0]
+
+
+def agent_pod(lab: Lab, node: str, pod: str) -> dict:
+    status = lab.agent_request(node, {"op": "status"})
+    assert status["ok"], status
+    ns, name = pod.split("/")
+    for p in status["pods"]:
+        if p["namespace"] == ns and p["name"] == name:
+            return p
+    raise AssertionError(f"agent of {node} does not know {pod}: {json.dumps(status)}")
+
+
+def counters(lab: Lab, node: str, pod: str, direction: str) -> dict:
+    return agent_pod(lab, node, pod)["counters"][direction]
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def servers():
+    holder: list[PodServers] = []
+
+    def make(lab: Lab) -> PodServers:
+        s = PodServers(lab)
+        holder.append(s)
+        return s
+
+    yield make
+    for s in holder:
+        s.stop()
