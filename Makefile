@@ -7,7 +7,7 @@ VPY         := $(VENV)/bin/python
 KREL        := $(shell uname -r)
 STAMP       := $(VENV)/.stamp-setup
 DEBS        := python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plugins \
-               iproute2 tcpdump socat nghttp2-proxy tinyproxy
+               iproute2 tcpdump socat nghttp2-proxy tinyproxy bpftool
 BCC_DIR     := /usr/lib/python3/dist-packages/bcc
 
 .PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean
