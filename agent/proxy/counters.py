@@ -31,3 +31,34 @@ class PodCounters:
             for name, c in (("outbound", self.outbound), ("inbound", self.inbound),
                             ("hbone", self.hbone))
         }
+
+
+@dataclass
+class ConnectionRecord:
+    """One finished (or refused) connection, as status and the access log show it."""
+    direction: str            # outbound, inbound, hbone
+    protocol: str             # HBONE or TCP
+    pod: str                  # namespace/name of the pod the agent served
+    source: str               # ip:port
+    destination: str          # ip:port (the original destination)
+    source_identity: str = ""
+    destination_identity: str = ""
+    bytes_sent: int = 0       # from the source to the destination
+    bytes_received: int = 0
+    duration_ms: int = 0
+    outcome: str = ""         # closed, reset, refused: <reason>, failed: <reason>
+    started: float = 0.0
+
+
+class ConnectionLog:
+    """The most recent connection records, bounded."""
+
+    def __init__(self, size: int = 256) -> None:
+        import collections
+        self._records = collections.deque(maxlen=size)
+
+    def add(self, record: ConnectionRecord) -> None:
+        self._records.append(record)
+
+    def recent(self, pod: str | None = None) -> list[dict]:
+        return [asdict(r) for r in self._records if pod is None or r.pod == pod]

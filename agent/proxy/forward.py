@@ -1,17 +1,17 @@
 """Connection handling for one enrolled pod's listeners.
 
-Until the HBONE data path lands (issue 3) captured connections are
-forwarded to their original destination in plaintext, so that capture is
-observable end to end:
-
-* outbound (15001): original destination from the orig_dst map, a new
-  connection from inside the pod's namespace (marked, so not captured again);
-* inbound (15006): original destination = the accepted socket's local
-  address (sk_lookup does not rewrite packets); the agent connects to the
-  app from inside the pod, which sk_lookup lets through because the source
-  is the pod's own address;
-* HBONE (15008): accepted and counted, then closed — TLS and HTTP/2 CONNECT
-  termination is issue 3. Nothing is forwarded from here yet.
+* outbound (15001): the original destination comes from the orig_dst map;
+  ``route.resolve`` says how to reach it: HBONE to a meshed pod (directly
+  or behind a Service), plain TCP otherwise. Every connection the agent
+  makes starts inside the pod's network namespace and carries the agent's
+  mark, so it is not captured again.
+* inbound plaintext (15006): the original destination is the accepted
+  socket's local address (sk_lookup does not rewrite); the policy hook
+  decides with no peer identity, then the agent connects to the app from
+  inside the pod (sk_lookup lets that through: source = the pod itself).
+* HBONE (15008): mutual TLS with this pod's certificate, then one HTTP/2
+  CONNECT stream per tunnelled connection: checked, authorised by the
+  policy hook with the peer's identity, connected to the app, answered 200.
 """
 
 from __future__ import annotations
@@ -19,35 +19,81 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
-from agent.capture.datapath import (AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT,
-                                    CaptureDatapath)
+from agent.capture.datapath import AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, CaptureDatapath
 from agent.capture.inpod import PodListeners
 from agent.netns import NetnsSwitcher
+from agent.proxy import hbone
 from agent.proxy.copy import ByteCounter, abort, splice
-from agent.proxy.counters import DirectionCounters, PodCounters
+from agent.proxy.counters import ConnectionLog, ConnectionRecord, DirectionCounters, PodCounters
+from agent.proxy.h2conn import H2Connection, H2Stream
+from agent.proxy.route import resolve
+from agent.proxy.tls import TlsContexts, check_client_identity
+from agent.proxy.tunnel import HbonePool, PoolKey, bridge
+from agent.state.model import ClusterState
 
 log = logging.getLogger(__name__)
 
-# Ports of the agent itself: forwarding to them would loop back into the agent.
 AGENT_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT})
+
+
+@dataclass(frozen=True)
+class InboundRequest:
+    """What the policy hook sees before the app connection is made."""
+    pod: str                      # namespace/name of the destination pod
+    source_ip: str
+    source_port: int
+    destination_ip: str
+    destination_port: int
+    source_identity: str | None   # None: plaintext, no peer identity
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    allowed: bool
+    reason: str
+
+
+def allow_all(request: InboundRequest) -> PolicyDecision:
+    """The hook's default until L4 policy (issue 4) is wired in."""
+    return PolicyDecision(True, "no policy engine configured: allow")
+
+
+@dataclass
+class DataPlane:
+    """What every pod's proxy shares on this node."""
+    state: Callable[[], ClusterState]
+    trust_domain: str
+    tls: TlsContexts | None
+    pool: HbonePool
+    log: ConnectionLog
+    policy: Callable[[InboundRequest], PolicyDecision] = allow_all
+    connect_timeout: float = 5.0
 
 
 class PodProxy:
     """Accept loops and forwarding for one pod."""
 
-    def __init__(self, pod: str, listeners: PodListeners, datapath: CaptureDatapath,
-                 switcher: NetnsSwitcher, counters: PodCounters,
-                 connect_timeout: float = 5.0) -> None:
+    def __init__(self, pod: str, identity: str, pod_ips: list[str], workload: dict,
+                 listeners: PodListeners, datapath: CaptureDatapath, switcher: NetnsSwitcher,
+                 counters: PodCounters, plane: DataPlane) -> None:
         self.pod = pod
+        self.identity = identity
+        self.pod_ips = pod_ips
+        self.workload = workload
         self.listeners = listeners
         self.datapath = datapath
         self.switcher = switcher
         self.counters = counters
-        self.connect_timeout = connect_timeout
+        self.plane = plane
         self._tasks: set[asyncio.Task] = set()
         self._accepting: list[asyncio.Task] = []
+        self._servers: set[H2Connection] = set()
+
+    # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
         for sock in self.listeners.outbound:
@@ -60,6 +106,8 @@ class PodProxy:
             task.cancel()
         await asyncio.gather(*self._accepting, return_exceptions=True)
         self._accepting.clear()
+        for conn in list(self._servers):
+            conn.goaway()        # HTTP/2 GOAWAY: peers open no new streams here
 
     async def drain(self, deadline: float) -> None:
         """Let open connections finish until ``deadline`` seconds, then cut them."""
@@ -68,6 +116,8 @@ class PodProxy:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for conn in list(self._servers):
+            conn.close()
 
     async def _accept(self, listener: socket.socket, handle: Callable) -> None:
         loop = asyncio.get_running_loop()
@@ -83,9 +133,13 @@ class PodProxy:
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
-            task = asyncio.ensure_future(self._guard(handle, conn, peer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._guard(handle, conn, peer))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _guard(self, handle, conn: socket.socket, peer) -> None:
         try:
@@ -97,68 +151,245 @@ class PodProxy:
             log.exception("pod %s: connection from %s failed", self.pod, peer)
             abort(conn)
 
-    async def _connect_from_pod(self, family: int, dst: tuple[str, int]) -> socket.socket:
+    # -- helpers -----------------------------------------------------------
+
+    async def _connect_from_pod(self, dst: tuple[str, int]) -> socket.socket:
         """A connection that starts inside the pod's namespace, exempt from capture."""
         loop = asyncio.get_running_loop()
-        sock = await loop.run_in_executor(
-            None, self.switcher.socket, self.listeners.netns_fd, family)
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        sock = await loop.run_in_executor(None, self.switcher.socket, self.listeners.netns_fd, family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, dst), self.connect_timeout)
+            await asyncio.wait_for(loop.sock_connect(sock, dst), self.plane.connect_timeout)
         except BaseException:
             sock.close()
             raise
         return sock
 
-    async def _forward(self, conn: socket.socket, dst: tuple[str, int],
-                       counters: DirectionCounters, label: str) -> None:
-        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-        counters.connections += 1
-        try:
-            upstream = await self._connect_from_pod(family, dst)
-        except (OSError, asyncio.TimeoutError) as exc:
-            counters.failed += 1
-            log.info("pod %s: %s to %s:%d failed: %s", self.pod, label, dst[0], dst[1],
-                     exc or "timed out")
-            abort(conn)    # the app sees a reset, as it would from an unreachable peer
-            return
-        counters.active += 1
-        try:
-            conn_bytes = ByteCounter()
-            # splice's first socket faces the pod's application: the accepted
-            # one outbound, the one the agent opened to the app inbound.
-            app, peer = (conn, upstream) if label == "outbound" else (upstream, conn)
-            outcome = await splice(app, peer, conn_bytes, counters)
-        finally:
-            counters.active -= 1
-        log.debug("pod %s: %s to %s:%d %s, %d bytes sent, %d received", self.pod, label,
-                  dst[0], dst[1], outcome, conn_bytes.sent, conn_bytes.received)
+    def _record(self, direction: str, protocol: str, src, dst, started: float, outcome: str,
+                counted: ByteCounter | None = None, src_id: str = "", dst_id: str = "",
+                app_is_source: bool = True) -> None:
+        sent = received = 0
+        if counted is not None:
+            sent, received = ((counted.sent, counted.received) if app_is_source
+                              else (counted.received, counted.sent))
+        self.plane.log.add(ConnectionRecord(
+            direction=direction, protocol=protocol, pod=self.pod,
+            source=hbone.format_authority(*src[:2]), destination=hbone.format_authority(*dst[:2]),
+            source_identity=src_id, destination_identity=dst_id, bytes_sent=sent,
+            bytes_received=received, duration_ms=int((time.monotonic() - started) * 1000),
+            outcome=outcome, started=time.time() - (time.monotonic() - started)))
+        level = logging.INFO if outcome.startswith(("refused", "failed")) else logging.DEBUG
+        log.log(level, "pod %s: %s %s %s -> %s (%s -> %s): %s", self.pod, direction, protocol,
+                hbone.format_authority(*src[:2]), hbone.format_authority(*dst[:2]),
+                src_id or "-", dst_id or "-", outcome)
+
+    # -- outbound ----------------------------------------------------------
 
     async def _outbound(self, conn: socket.socket, peer) -> None:
+        started = time.monotonic()
+        counters = self.counters.outbound
+        counters.connections += 1
         dst = self.datapath.original_destination(self.listeners.cookie, peer[0], peer[1])
+        # The application's own address: its socket is bound to the pod's IP
+        # unless it talked to loopback, which is never captured.
+        source = (self.pod_ips[0] if self.pod_ips else peer[0], peer[1])
         if dst is None:
-            self.counters.outbound.failed += 1
-            log.warning("pod %s: outbound connection from %s:%d has no original destination",
-                        self.pod, peer[0], peer[1])
+            counters.failed += 1
+            self._record("outbound", "TCP", source, ("0.0.0.0", 0), started,
+                         "failed: no original destination recorded")
             abort(conn)
             return
-        await self._forward(conn, (dst.ip, dst.port), self.counters.outbound, "outbound")
+        route = resolve(self.plane.state(), dst.ip, dst.port, self.plane.trust_domain, salt=peer[1])
+        if route.kind == "no-endpoint":
+            counters.failed += 1
+            self._record("outbound", "TCP", source, (dst.ip, dst.port), started, f"failed: {route.reason}")
+            abort(conn)
+            return
+        if route.kind == "passthrough":
+            await self._plain(conn, (route.ip, route.port), counters, "outbound", source, started)
+            return
+        await self._outbound_hbone(conn, route, source, (dst.ip, dst.port), counters, started)
+
+    async def _outbound_hbone(self, conn, route, source, original, counters, started) -> None:
+        target = hbone.ConnectTarget(route.ip, route.port)
+        try:
+            if self.plane.tls is None:
+                raise ConnectionError("no CA configured: this agent cannot speak HBONE")
+            ctx = await asyncio.wait_for(self.plane.tls.context(self.identity, server_side=False),
+                                         self.plane.connect_timeout)
+            key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT))
+            headers = hbone.connect_request_headers(target, source, self.workload)
+            stream, response = await asyncio.wait_for(
+                self.plane.pool.stream(key, ctx, self._connect_from_pod, headers),
+                self.plane.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            counters.failed += 1
+            reason = str(exc) or type(exc).__name__
+            self._record("outbound", "HBONE", source, original, started, f"failed: {reason}",
+                         src_id=self.identity, dst_id=route.identity)
+            abort(conn)
+            return
+        status = hbone.response_status(response)
+        if status != 200:
+            counters.failed += 1
+            stream.reset()
+            self._record("outbound", "HBONE", source, original, started, f"refused: status {status}",
+                         src_id=self.identity, dst_id=route.identity)
+            abort(conn)
+            return
+        counters.active += 1
+        counted = ByteCounter()
+        try:
+            outcome = await bridge(conn, stream, counted, counters, sock_is_app=True)
+        finally:
+            counters.active -= 1
+        self._record("outbound", "HBONE", source, original, started, outcome, counted,
+                     src_id=self.identity, dst_id=route.identity)
+
+    async def _plain(self, conn, dst, counters: DirectionCounters, direction: str, source, started,
+                     app_is_client: bool = True, src_id: str = "") -> None:
+        try:
+            upstream = await self._connect_from_pod(dst)
+        except (OSError, asyncio.TimeoutError) as exc:
+            counters.failed += 1
+            self._record(direction, "TCP", source, dst, started, f"failed: {exc or 'timed out'}",
+                         src_id=src_id)
+            abort(conn)    # the app sees a reset, as from an unreachable peer
+            return
+        counters.active += 1
+        counted = ByteCounter()
+        try:
+            # splice's first socket faces the pod's application.
+            app, other = (conn, upstream) if app_is_client else (upstream, conn)
+            outcome = await splice(app, other, counted, counters)
+        finally:
+            counters.active -= 1
+        self._record(direction, "TCP", source, dst, started, outcome, counted, src_id=src_id,
+                     app_is_source=app_is_client)
+
+    # -- inbound plaintext -------------------------------------------------
 
     async def _inbound(self, conn: socket.socket, peer) -> None:
+        started = time.monotonic()
         local_ip, port = conn.getsockname()[:2]
+        counters = self.counters.inbound
+        counters.connections += 1
         if port in AGENT_PORTS:
-            self.counters.inbound.failed += 1
-            log.warning("pod %s: refused inbound to agent port %d from %s", self.pod, port, peer[0])
+            counters.failed += 1
+            self._record("inbound", "TCP", peer, (local_ip, port), started,
+                         f"refused: port {port} belongs to the mesh agent")
             abort(conn)
             return
-        # Policy (issue 4) hooks in here, before the app connection is made.
-        await self._forward(conn, (local_ip, port), self.counters.inbound, "inbound")
+        decision = self.plane.policy(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None))
+        if not decision.allowed:
+            counters.failed += 1
+            self._record("inbound", "TCP", peer, (local_ip, port), started, f"refused: {decision.reason}")
+            abort(conn)
+            return
+        await self._plain(conn, (local_ip, port), counters, "inbound", peer, started, app_is_client=False)
+
+    # -- inbound HBONE -----------------------------------------------------
 
     async def _hbone(self, conn: socket.socket, peer) -> None:
-        # HBONE termination (mTLS + HTTP/2 CONNECT) is issue 3. Until then the
-        # listener proves steering: count and close, forward nothing.
         self.counters.hbone.connections += 1
-        log.info("pod %s: HBONE connection from %s:%d (HBONE not implemented yet: closed)",
-                 self.pod, peer[0], peer[1])
-        conn.close()
+        loop = asyncio.get_running_loop()
+        if self.plane.tls is None:
+            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
+                         "refused: no CA configured")
+            abort(conn)
+            return
+        try:
+            ctx = await asyncio.wait_for(self.plane.tls.context(self.identity, server_side=True),
+                                         self.plane.connect_timeout)
+        except (asyncio.TimeoutError, OSError) as exc:
+            self.counters.hbone.failed += 1
+            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
+                         f"refused: no certificate for {self.identity} yet ({exc or 'timed out'})")
+            abort(conn)
+            return
+        trust_domain = self.plane.trust_domain
+
+        def verify(transport) -> str:
+            return check_client_identity(transport.get_extra_info("ssl_object"), trust_domain)
+
+        name = f"pod {self.pod} hbone from {peer[0]}:{peer[1]}"
+        try:
+            _transport, proto = await loop.connect_accepted_socket(
+                lambda: H2Connection(client_side=False, on_request=self._hbone_stream_for(peer), name=name,
+                                     verify=verify),
+                sock=conn, ssl=ctx, ssl_handshake_timeout=self.plane.connect_timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            self.counters.hbone.failed += 1
+            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
+                         f"refused: TLS handshake failed: {exc or 'timed out'}")
+            return
+        if proto.closed:
+            self.counters.hbone.failed += 1
+            return
+        self._servers.add(proto)
+        try:
+            await proto.done
+        finally:
+            self._servers.discard(proto)
+
+    def _hbone_stream_for(self, peer):
+        async def handle(stream: H2Stream) -> None:
+            await self._hbone_stream(stream, peer)
+        return handle
+
+    async def _hbone_stream(self, stream: H2Stream, peer) -> None:
+        started = time.monotonic()
+        counters = self.counters.hbone
+        source_id = stream.conn.peer_identity
+        headers = dict(stream.request_headers)
+        forwarded = headers.get("forwarded", "")
+        source = _forwarded_for(forwarded) or (peer[0], peer[1])
+        checked = hbone.check_connect(stream.request_headers, self.pod_ips)
+        if isinstance(checked, hbone.Refusal):
+            counters.failed += 1
+            stream.respond(checked.status, end=True)
+            self._record("hbone", "HBONE", source, (self.pod_ips[0], 0), started,
+                         f"refused: {checked.status} {checked.reason}", src_id=source_id, dst_id=self.identity)
+            return
+        dst = (checked.ip, checked.port)
+        decision = self.plane.policy(InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port,
+                                                    source_id))
+        if not decision.allowed:
+            counters.failed += 1
+            stream.respond(401, end=True)
+            self._record("hbone", "HBONE", source, dst, started, f"refused: 401 {decision.reason}",
+                         src_id=source_id, dst_id=self.identity)
+            return
+        try:
+            app = await self._connect_from_pod(dst)
+        except (OSError, asyncio.TimeoutError) as exc:
+            counters.failed += 1
+            stream.respond(503, end=True)
+            self._record("hbone", "HBONE", source, dst, started, f"refused: 503 app unreachable: {exc or 'timed out'}",
+                         src_id=source_id, dst_id=self.identity)
+            return
+        bag = hbone.baggage(self.workload)
+        stream.respond(200, [("baggage", bag)] if bag else [])
+        counters.active += 1
+        counted = ByteCounter()
+        try:
+            outcome = await bridge(app, stream, counted, counters, sock_is_app=True)
+        finally:
+            counters.active -= 1
+        self._record("hbone", "HBONE", source, dst, started, outcome, counted, src_id=source_id,
+                     dst_id=self.identity, app_is_source=False)
+
+
+def _forwarded_for(value: str) -> tuple[str, int] | None:
+    """The client address from ``forwarded: for="ip:port"``, if well formed."""
+    for part in value.split(";"):
+        key, _, val = part.strip().partition("=")
+        if key.lower() == "for":
+            try:
+                target = hbone.parse_authority(val.strip('"'))
+            except ValueError:
+                return None
+            return target.ip, target.port
+    return None

@@ -1,0 +1,121 @@
+"""TLS for HBONE: mutual TLS 1.3, ALPN h2, SPIFFE identities in URI SANs.
+
+Python's ``ssl`` module only loads certificate chains from files, so the
+PEM is written to a private (0700) temporary directory, loaded, and removed
+at once: keys exist on disk for the duration of one call, in /run when the
+agent's run directory is there (tmpfs).
+
+TLS 1.3 cipher suites cannot be restricted from Python's ``ssl`` module;
+OpenSSL's default TLS 1.3 order puts AES-256-GCM and AES-128-GCM first and
+both sides here are OpenSSL, so AES-GCM is what is negotiated (a test pins
+this), but a peer that offers only ChaCha20-Poly1305 would be accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+
+ALPN = ["h2"]
+
+
+class PeerIdentityError(ssl.SSLError):
+    """The peer's certificate does not carry the identity we require."""
+
+
+def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes, tmp_root: str | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="hbone-tls-", dir=tmp_root) as tmp:
+        os.chmod(tmp, 0o700)
+        cert_path = os.path.join(tmp, "chain.pem")
+        key_path = os.path.join(tmp, "key.pem")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key_pem)
+        with open(cert_path, "wb") as fh:
+            fh.write(chain_pem)
+        ctx.load_cert_chain(cert_path, key_path)
+
+
+def make_context(server_side: bool, chain_pem: bytes, key_pem: bytes, bundle_pem: bytes,
+                 tmp_root: str | None = None) -> ssl.SSLContext:
+    """An mTLS 1.3 context presenting ``chain_pem`` and trusting ``bundle_pem``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False          # identities are SPIFFE URIs, checked after the handshake
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=bundle_pem.decode())
+    ctx.set_alpn_protocols(ALPN)
+    _load_chain(ctx, chain_pem, key_pem, tmp_root)
+    return ctx
+
+
+def uri_sans(der: bytes) -> list[str]:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        return []
+    return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def peer_identities(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[str]:
+    der = ssl_object.getpeercert(binary_form=True)
+    return uri_sans(der) if der else []
+
+
+def check_server_identity(ssl_object, expected: str) -> None:
+    """Client side: the server must be the workload we meant to reach."""
+    if ssl_object.selected_alpn_protocol() != "h2":
+        raise PeerIdentityError(f"server did not negotiate ALPN h2 (got {ssl_object.selected_alpn_protocol()})")
+    sans = peer_identities(ssl_object)
+    if expected not in sans:
+        raise PeerIdentityError(f"server identity {sans or ['(none)']} is not the expected {expected}")
+
+
+def check_client_identity(ssl_object, trust_domain: str) -> str:
+    """Server side: the client must be a SPIFFE workload of our trust domain."""
+    if ssl_object.selected_alpn_protocol() != "h2":
+        raise PeerIdentityError(f"client did not negotiate ALPN h2 (got {ssl_object.selected_alpn_protocol()})")
+    prefix = f"spiffe://{trust_domain}/"
+    for san in peer_identities(ssl_object):
+        if san.startswith(prefix):
+            return san
+    raise PeerIdentityError(f"client certificate has no SPIFFE identity in trust domain {trust_domain}"
+                            f" (SANs: {peer_identities(ssl_object) or ['(none)']})")
+
+
+class TlsContexts:
+    """SSL contexts per workload identity, rebuilt when its certificate or the
+    trust bundle changes.
+
+    ``certificate(identity)`` is awaited for the identity's current material
+    ``(chain_pem, key_pem, version)``; it waits while no certificate is held
+    (CA unreachable: the pod's connections fail closed meanwhile).
+    ``bundle()`` returns ``(version, pem)``.
+    """
+
+    def __init__(self, certificate, bundle, tmp_root: str | None = None) -> None:
+        self._certificate = certificate
+        self._bundle = bundle
+        self._tmp_root = tmp_root
+        self._cache: dict[tuple[str, bool], tuple[tuple, ssl.SSLContext]] = {}
+
+    async def context(self, identity: str, server_side: bool) -> ssl.SSLContext:
+        chain_pem, key_pem, cert_version = await self._certificate(identity)
+        bundle_version, bundle_pem = self._bundle()
+        stamp = (cert_version, bundle_version)
+        cached = self._cache.get((identity, server_side))
+        if cached and cached[0] == stamp:
+            return cached[1]
+        ctx = make_context(server_side, chain_pem, key_pem, bundle_pem, self._tmp_root)
+        self._cache[(identity, server_side)] = (stamp, ctx)
+        return ctx
+
+    def forget(self, identity: str) -> None:
+        for server_side in (True, False):
+            self._cache.pop((identity, server_side), None)

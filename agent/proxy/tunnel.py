@@ -1,0 +1,209 @@
+"""HBONE tunnels: the client connection pool and the TCP <-> stream bridge.
+
+Outbound, streams to the same peer share TLS + HTTP/2 connections, keyed by
+(source identity, destination identity, destination address), at most 100
+streams each. Idle connections are closed after ``idle_timeout``; a PING
+every ``keepalive_interval`` detects dead peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import h2.errors
+
+from agent.proxy.copy import ByteCounter, abort
+from agent.proxy.h2conn import H2Connection, H2Stream, StreamReset
+from agent.proxy.tls import PeerIdentityError, check_server_identity
+
+log = logging.getLogger(__name__)
+
+BUFFER = 256 * 1024
+
+
+async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
+                 totals=None, sock_is_app: bool = True) -> str:
+    """Copy between a TCP socket and an HBONE stream until both directions end.
+
+    FIN -> END_STREAM and END_STREAM -> FIN (half-close); TCP reset ->
+    RST_STREAM(CONNECT_ERROR) and RST_STREAM -> TCP reset (RFC 9113 8.5).
+    ``sock_is_app``: the socket faces the pod's application (counted as
+    "sent" when it writes); otherwise the stream does.
+    """
+    loop = asyncio.get_running_loop()
+    up_attr, down_attr = ("sent", "received") if sock_is_app else ("received", "sent")
+
+    def add(attr: str, n: int) -> None:
+        setattr(counter, attr, getattr(counter, attr) + n)
+        if totals is not None:
+            setattr(totals, attr, getattr(totals, attr) + n)
+
+    async def sock_to_stream() -> None:
+        buf = bytearray(BUFFER)
+        while True:
+            try:
+                n = await loop.sock_recv_into(sock, buf)
+            except (ConnectionResetError, BrokenPipeError):
+                stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+                raise
+            if n == 0:
+                stream.end()
+                return
+            await stream.write(memoryview(buf)[:n])
+            add(up_attr, n)
+
+    async def stream_to_sock() -> None:
+        while True:
+            data = await stream.read()
+            if not data:
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            await loop.sock_sendall(sock, data)
+            add(down_attr, len(data))
+
+    tasks = [asyncio.ensure_future(sock_to_stream()), asyncio.ensure_future(stream_to_sock())]
+    outcome = "closed"
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(t.exception() is not None for t in done):
+                outcome = "reset"
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                break
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        outcome = "reset"
+        raise
+    finally:
+        if outcome == "reset":
+            stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+            abort(sock)
+        else:
+            sock.close()
+    return outcome
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    source_identity: str
+    destination_identity: str
+    address: tuple[str, int]
+
+
+Dialer = Callable[[tuple[str, int]], Awaitable[socket.socket]]
+
+
+@dataclass
+class _Pooled:
+    conn: H2Connection
+    keepalive: asyncio.Task | None = None
+
+
+class HbonePool:
+    def __init__(self, idle_timeout: float = 60.0, keepalive_interval: float = 30.0,
+                 ping_timeout: float = 10.0, connect_timeout: float = 5.0) -> None:
+        self.idle_timeout = idle_timeout
+        self.keepalive_interval = keepalive_interval
+        self.ping_timeout = ping_timeout
+        self.connect_timeout = connect_timeout
+        self._conns: dict[PoolKey, list[_Pooled]] = {}
+        self._dialing: dict[PoolKey, asyncio.Future] = {}
+        self.connections_opened = 0
+
+    def connections(self) -> int:
+        return sum(len(v) for v in self._conns.values())
+
+    async def stream(self, key: PoolKey, ctx: ssl.SSLContext, dial: Dialer,
+                     headers: list[tuple[str, str]]) -> tuple[H2Stream, list]:
+        """Open a CONNECT stream to ``key.address``, reusing a pooled connection."""
+        conn = await self._connection(key, ctx, dial)
+        return await conn.open_stream(headers)
+
+    async def _connection(self, key: PoolKey, ctx: ssl.SSLContext, dial: Dialer) -> H2Connection:
+        while True:
+            for pooled in self._conns.get(key, []):
+                if pooled.conn.capacity() > 0:
+                    return pooled.conn
+            waiting = self._dialing.get(key)
+            if waiting is None:
+                break
+            await asyncio.shield(waiting)     # someone is dialling this peer: share it
+        fut = asyncio.get_running_loop().create_future()
+        self._dialing[key] = fut
+        try:
+            conn = await asyncio.wait_for(self._dial(key, ctx, dial), self.connect_timeout)
+            pooled = _Pooled(conn)
+            self._conns.setdefault(key, []).append(pooled)
+            pooled.keepalive = asyncio.ensure_future(self._maintain(key, pooled))
+            self.connections_opened += 1
+            return conn
+        finally:
+            del self._dialing[key]
+            fut.set_result(None)
+
+    async def _dial(self, key: PoolKey, ctx: ssl.SSLContext, dial: Dialer) -> H2Connection:
+        loop = asyncio.get_running_loop()
+        sock = await dial(key.address)
+        name = f"hbone {key.source_identity} -> {key.destination_identity} at {key.address[0]}:{key.address[1]}"
+        try:
+            # server_hostname="": no SNI (ztunnel sends none) and no hostname
+            # check; the identity is checked from the URI SAN below.
+            transport, conn = await loop.create_connection(
+                lambda: H2Connection(client_side=True, name=name), sock=sock, ssl=ctx,
+                server_hostname="")
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            check_server_identity(transport.get_extra_info("ssl_object"), key.destination_identity)
+        except PeerIdentityError:
+            transport.abort()
+            raise
+        return conn
+
+    async def _maintain(self, key: PoolKey, pooled: _Pooled) -> None:
+        loop = asyncio.get_running_loop()
+        conn = pooled.conn
+        try:
+            while not conn.closed:
+                tick = min(self.keepalive_interval, self.idle_timeout)
+                try:
+                    await asyncio.wait_for(asyncio.shield(conn.done), tick)
+                    break
+                except asyncio.TimeoutError:
+                    pass
+                idle_for = loop.time() - conn.last_activity
+                if not conn.streams and idle_for >= self.idle_timeout:
+                    log.debug("%s: idle for %.0fs, closing", conn.name, idle_for)
+                    conn.close()
+                    break
+                if idle_for >= self.keepalive_interval and not await conn.ping(self.ping_timeout):
+                    log.info("%s: keepalive PING unanswered, closing", conn.name)
+                    conn.close()
+                    break
+        finally:
+            entries = self._conns.get(key, [])
+            if pooled in entries:
+                entries.remove(pooled)
+            if not entries:
+                self._conns.pop(key, None)
+
+    async def close(self, graceful: bool = True) -> None:
+        for entries in list(self._conns.values()):
+            for pooled in list(entries):
+                if graceful:
+                    pooled.conn.goaway()
+                else:
+                    pooled.conn.close()
