@@ -18,9 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from agent import daemon
+    from agent.identity import cli as ca_cli
     from agent.lab import cli as lab_cli
 
     daemon.add_parser(sub)
+    ca_cli.add_parser(sub)
     lab_cli.add_parser(sub)
     return parser
 

@@ -21,9 +21,12 @@ from agent.control import CniAdd, CniDel, ControlServer, Request, StatusRequest
 from agent.enrol.reconcile import desired, plan
 from agent.enrol.records import PodRecord, RecordStore
 from agent.enrol.rule import DEFAULT_EXCLUDED
+from agent.identity.node import NodeIdentities
 from agent.netns import NetnsSwitcher
-from agent.proxy.counters import PodCounters
-from agent.proxy.forward import PodProxy
+from agent.proxy.counters import ConnectionLog, PodCounters
+from agent.proxy.forward import DataPlane, PodProxy
+from agent.proxy.hbone import workload_metadata
+from agent.proxy.tunnel import HbonePool
 from agent.state.file import FileStateSource, parse_state_url
 from agent.state.model import ClusterState, StateError
 
@@ -40,12 +43,17 @@ class AgentConfig:
     excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED
     connect_timeout: float = 5.0
     drain_seconds: float = 5.0
+    trust_domain: str = "cluster.local"
+    ca_address: str = ""
+    ca_root: str = ""
+    token_file: str = ""
 
 
 @dataclass
 class CapturedPod:
     listeners: PodListeners
     proxy: PodProxy
+    identity: str
 
 
 class NodeAgent:
@@ -61,6 +69,11 @@ class NodeAgent:
         self.captured: dict[str, CapturedPod] = {}
         self.counters: dict[str, PodCounters] = {}
         self.control = ControlServer(os.path.join(config.run_dir, "agent.sock"), self.handle)
+        self.identities = NodeIdentities.create(config) if config.ca_address else None
+        self.plane = DataPlane(state=lambda: self.state, trust_domain=config.trust_domain,
+                               tls=self.identities.tls if self.identities else None,
+                               pool=HbonePool(connect_timeout=config.connect_timeout),
+                               log=ConnectionLog(), connect_timeout=config.connect_timeout)
         self._stopping = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
@@ -69,6 +82,8 @@ class NodeAgent:
         self.state = self.source.load()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.datapath.load)
+        if self.identities is not None:
+            self.identities.start()
         self._readopt()
         await self.control.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -94,8 +109,11 @@ class NodeAgent:
             await pod.proxy.stop_accepting()
             for sock in pod.listeners.all():
                 sock.close()
+        await self.plane.pool.close(graceful=True)
         await asyncio.gather(*(p.proxy.drain(self.config.drain_seconds)
                                for p in self.captured.values()))
+        if self.identities is not None:
+            await self.identities.close()
         self.datapath.close()
         self.switcher.close()
 
@@ -142,11 +160,21 @@ class NodeAgent:
         rec.netns_cookie = listeners.cookie
         rec.enrolled = True
         counters = self.counters.setdefault(rec.key, PodCounters())
-        proxy = PodProxy(rec.key, listeners, self.datapath, self.switcher, counters,
-                         self.config.connect_timeout)
+        pod = self.state.pod(rec.namespace, rec.name)
+        if pod is not None:
+            rec.service_account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        identity = self._identity(rec)
+        proxy = PodProxy(rec.key, identity, list(rec.ips), workload_metadata(pod) or
+                         {"namespace": rec.namespace, "workload_name": rec.name},
+                         listeners, self.datapath, self.switcher, counters, self.plane)
         proxy.start()
-        self.captured[rec.key] = CapturedPod(listeners, proxy)
+        self.captured[rec.key] = CapturedPod(listeners, proxy, identity)
+        if self.identities is not None:
+            self.identities.track(identity)
         self.records.save(rec)
+
+    def _identity(self, rec: PodRecord) -> str:
+        return f"spiffe://{self.config.trust_domain}/ns/{rec.namespace}/sa/{rec.service_account}"
 
     def _release(self, rec: PodRecord) -> None:
         pod = self.captured.pop(rec.key, None)
@@ -155,6 +183,10 @@ class NodeAgent:
         if pod is not None:
             asyncio.ensure_future(pod.proxy.stop_accepting())
             self.inpod.close(pod.listeners)
+            # Identities of pods that left the node are dropped.
+            if self.identities is not None and not any(
+                    p.identity == pod.identity for p in self.captured.values()):
+                self.identities.forget(pod.identity)
         rec.enrolled = False
 
     def _reconcile(self) -> None:
@@ -238,10 +270,15 @@ class NodeAgent:
                 "namespace": rec.namespace, "name": rec.name, "uid": rec.uid,
                 "ips": rec.ips, "netns": rec.netns, "enrolled": rec.enrolled,
                 "reason": rec.reason,
+                "identity": self._identity(rec) if rec.enrolled else "",
                 "counters": self.counters.get(key, PodCounters()).as_dict(),
+                "connections": self.plane.log.recent(key),
             })
         return {"ok": True, "node": self.config.node, "pods": pods,
-                "capture": self.datapath.stats()}
+                "capture": self.datapath.stats(),
+                "hbone_pool": {"connections": self.plane.pool.connections(),
+                               "opened": self.plane.pool.connections_opened},
+                "certificates": self.identities.status() if self.identities else []}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -261,6 +298,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait for an upstream connection")
     p.add_argument("--drain-seconds", type=float, default=5.0,
                    help="on SIGTERM, how long open connections may finish")
+    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
+    p.add_argument("--ca-address", default="", help="host:port of the CA (Istio's certificate API)")
+    p.add_argument("--ca-root", default="", help="PEM file with the CA's root: verifies the CA and is the mesh trust bundle")
+    p.add_argument("--token-file", default="", help="this node agent's token for the CA")
     p.set_defaults(func=_run)
 
 
@@ -270,7 +311,12 @@ def _run(args: argparse.Namespace) -> int:
         cgroup=args.cgroup,
         excluded_namespaces=tuple(args.excluded) if args.excluded else DEFAULT_EXCLUDED,
         connect_timeout=args.connect_timeout, drain_seconds=args.drain_seconds,
+        trust_domain=args.trust_domain, ca_address=args.ca_address, ca_root=args.ca_root,
+        token_file=args.token_file,
     )
+    if config.ca_address and not (config.ca_root and config.token_file):
+        log.error("--ca-address needs --ca-root and --token-file")
+        return 2
     try:
         asyncio.run(NodeAgent(config).run())
     except CaptureError as exc:

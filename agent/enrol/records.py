@@ -29,6 +29,7 @@ class PodRecord:
     enrolled: bool = False
     reason: str = ""
     netns_cookie: int = 0
+    service_account: str = "default"
 
     @property
     def key(self) -> str:

@@ -95,13 +95,15 @@ class Lab:
                  *, cni_bin: Mapping[str, str] | None = None,
                  cni_plugins: Sequence[Mapping] = (), cni_timeout: float = 30.0,
                  agent_ready_timeout: float = 60.0,
-                 agent_command: Sequence[str] | None = None) -> None:
+                 agent_command: Sequence[str] | None = None, ca: bool = True) -> None:
         """
         ``cni_bin`` adds (or replaces) executables in the lab's CNI bin dir,
         ``{plugin type: path}``; ``cni_plugins`` are plugin entries appended to
         each node's chain after the bridge (and ambient-cni). String values in
         them may use ``{node}``, ``{lab_dir}``, ``{node_dir}`` and ``{state}``.
-        Both only affect nodes created afterwards (a node's conflist is
+        ``ca``: run the mesh CA (``ambient-agent ca``) on the underlay and give
+        every agent a node token for it, so pods get workload certificates.
+        Both cni options only affect nodes created afterwards (a node's conflist is
         written once, like a node's /etc/cni/net.d). ``agent_command`` is the
         program the agent's ``run --node …`` arguments are given to (default
         ``python -m agent.cli``; tests substitute a stand-in).
@@ -118,6 +120,8 @@ class Lab:
         self.cni_timeout = cni_timeout
         self.agent_ready_timeout = agent_ready_timeout
         self.agent_command = list(agent_command or (sys.executable, "-m", "agent.cli"))
+        self.ca = ca
+        self._ca_proc: subprocess.Popen | None = None
         self.cgroup_root = f"{sysops.CGROUP_V2}/ambient-lab-{self.name}"
         self.pin_root = f"{BPF_BASE}/ambient-lab-{self.name}"
         self._tlock = threading.RLock()
@@ -442,6 +446,8 @@ class Lab:
         self._sync_routes()
         updated = self._apply_objects(objs)
         if self.start_agents:
+            if self.ca and self.ca_pid() is None:
+                self.start_ca()
             for node in self.nodes:
                 if self.agent_pid(node) is None:
                     self.start_agent(node)
@@ -812,7 +818,7 @@ class Lab:
         sysops.cgroup_create(cgroup)
         cmd = [*self.agent_command, "run", "--node", node,
                "--state", f"file:{self.state_path}", "--run-dir", str(node_dir),
-               "--pin-dir", self.pin_dir(node), *self.agent_args, *extra_args]
+               "--pin-dir", self.pin_dir(node), *self._ca_args(node), *self.agent_args, *extra_args]
         log_path = node_dir / "agent.log"
         with self._records() as rec:
             rec["agents"][node] = {"cmd": cmd, "cgroup": cgroup, "log": str(log_path),
@@ -850,6 +856,111 @@ class Lab:
         raise LabError(f"the agent of node {node} did not answer on {self.agent_socket(node)} "
                        f"within {self.agent_ready_timeout:g}s ({last}); {log_path} ends with:\n"
                        f"{_tail_file(log_path)}")
+
+    # --- the mesh CA --------------------------------------------------------------
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.dir / "ca"
+
+    @property
+    def ca_address(self) -> str:
+        return f"{model.ca_ip(self._read_records()['slot'])}:{model.CA_PORT}"
+
+    @property
+    def ca_root(self) -> str:
+        """The trust bundle: the CA's root certificate, written when it starts."""
+        return str(self.ca_dir / "root-cert.pem")
+
+    def _ca_args(self, node: str) -> list[str]:
+        if not self.ca:
+            return []
+        return ["--ca-address", self.ca_address, "--ca-root", self.ca_root,
+                "--token-file", self._node_token(node)]
+
+    def _node_token(self, node: str) -> str:
+        """The node's CA token (like a projected service-account token), created once."""
+        path = self.node_dir(node) / "ca-token"
+        tokens_path = self.ca_dir / "tokens.json"
+        with self._locked():
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(32))
+            tokens = json.loads(tokens_path.read_text()) if tokens_path.exists() else {}
+            tokens[path.read_text().strip()] = node
+            _write_json(tokens_path, tokens, 0o600)
+        return str(path)
+
+    def start_ca(self) -> int:
+        """Start the CA in the wire namespace, on the underlay; wait until it listens."""
+        rec = self._read_records()
+        ip = model.ca_ip(rec["slot"])
+        self.ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tokens_path = self.ca_dir / "tokens.json"
+        for node in self.nodes:
+            self.node_dir(node).mkdir(parents=True, exist_ok=True)
+            self._node_token(node)
+        wire = sysops.netns_path(rec["wire"]["netns"])
+        with IPRoute(netns=rec["wire"]["netns"]) as ipr:
+            idx = ipr.link_lookup(ifname=WIRE_BRIDGE)[0]
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx)}
+            if ip not in have:
+                ipr.addr("add", index=idx, address=ip, prefixlen=model.UNDERLAY_PREFIXLEN)
+        cgroup = f"{self.cgroup_root}/_ca"
+        sysops.cgroup_create(cgroup)
+        cmd = [*self.agent_command, "ca", "--listen", f"{ip}:{model.CA_PORT}",
+               "--ca-dir", str(self.ca_dir), "--tokens", str(tokens_path),
+               "--state", f"file:{self.state_path}", "--san", ip, "--root-cert-out", self.ca_root]
+        log_path = self.dir / "ca.log"
+        with self._records() as r:
+            r["ca"] = {"cmd": cmd, "cgroup": cgroup, "log": str(log_path), "pid": None, "start_time": None}
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO_ROOT), env.get("PYTHONPATH")) if x)
+        start_offset = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as logf:
+            proc = self._spawn(wire, cgroup, cmd, dict(
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                cwd=str(self.dir), env=env, start_new_session=True))
+        with self._records() as r:
+            r["ca"].update(pid=proc.pid, start_time=sysops.proc_start_time(proc.pid))
+        self._ca_proc = proc
+        deadline = time.monotonic() + self.agent_ready_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LabError(f"the lab CA exited with status {proc.returncode}; {log_path} ends with:\n"
+                               f"{_tail_file(log_path)}")
+            with open(log_path, "rb") as fh:
+                fh.seek(start_offset)
+                if b" listening on " in fh.read() and os.path.exists(self.ca_root):
+                    log.info("lab %s: CA running at %s, pid %d", self.name, self.ca_address, proc.pid)
+                    return proc.pid
+            time.sleep(0.1)
+        self.stop_ca()
+        raise LabError(f"the lab CA did not start within {self.agent_ready_timeout:g}s; {log_path} ends with:\n"
+                       f"{_tail_file(log_path)}")
+
+    def ca_pid(self) -> int | None:
+        if not self.exists():
+            return None
+        c = self._read_records().get("ca")
+        if self._ca_proc is not None:
+            self._ca_proc.poll()
+        if c and c.get("pid") and sysops.process_is(c["pid"], c.get("start_time"), str(self.dir)):
+            return c["pid"]
+        return None
+
+    def stop_ca(self, sig: int = signal.SIGTERM) -> bool:
+        c = self._read_records().get("ca") if self.exists() else None
+        if not c or not c.get("pid"):
+            return True
+        gone = sysops.stop_process(c["pid"], c.get("start_time"), str(self.dir), sig, AGENT_GRACE,
+                                   popen=self._ca_proc)
+        if gone:
+            self._ca_proc = None
+            with self._records() as r:
+                r["ca"].update(pid=None, start_time=None)
+        return gone
 
     def stop_agent(self, node: str, sig: int = signal.SIGTERM, wait: bool = True) -> bool:
         """Signal the node's agent; with ``wait``, SIGKILL it after 5 s and reap it.
@@ -980,6 +1091,10 @@ class Lab:
                                            AGENT_GRACE, popen=self._agents.get(node)):
                     problems.append(f"agent of node {node} (pid {a['pid']}) did not stop")
         self._agents.clear()
+        ca = (rec or {}).get("ca") or {}
+        if ca.get("pid") and not sysops.stop_process(ca["pid"], ca.get("start_time"), needle, signal.SIGTERM,
+                                                     AGENT_GRACE, popen=self._ca_proc):
+            problems.append(f"the lab CA (pid {ca['pid']}) did not stop")
         # Everything else the lab ran (pod and node commands, an agent that was
         # started but not yet recorded) lives in the lab's cgroup tree.
         if not sysops.cgroup_kill(self.cgroup_root):

@@ -6,7 +6,8 @@ Addressing (all inside 198.18.0.0/15, the benchmarking range):
 * node ``i`` (0..7) of the lab owns the pod subnet ``198.18.(8*s + i).0/24``
   (32 labs x 8 nodes exactly fill 198.18.0.0/16), with its ``cni0`` bridge at
   ``.1`` (the bridge plugin's gateway);
-* node ``i``'s underlay address is ``198.19.s.(i+1)/24`` on its ``eth0``;
+* node ``i``'s underlay address is ``198.19.s.(i+1)/24`` on its ``eth0``; the lab's CA
+  listens on ``198.19.s.254:15012`` on the wire bridge;
 * Services without a ``clusterIP`` get one from ``198.19.(128 + 4*s).0/22``.
 
 Names: network namespaces ``alab-<lab>-wire``, ``alab-<lab>-n<i>``,
@@ -77,6 +78,13 @@ def underlay_ip(slot: int, index: int) -> str:
 
 
 UNDERLAY_PREFIXLEN = 24
+CA_PORT = 15012   # Istio's CA (istiod) port
+
+
+def ca_ip(slot: int) -> str:
+    """The lab's CA listens on the underlay, in the wire namespace."""
+    _check_slot_index(slot, 0)
+    return f"198.19.{slot}.254"
 
 
 def service_cidr(slot: int) -> str:

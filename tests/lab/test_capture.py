@@ -116,21 +116,33 @@ def test_inbound_capture_hands_connections_to_the_agent(lab, servers):
 def test_port_15008_reaches_the_hbone_listener(lab):
     before = counters(lab, "node2", "mesh/server", "hbone")
     ok, result = connect(lab, "plain/client", lab.pod_ip("mesh/server"), 15008, "z", timeout=3)
-    # HBONE termination is issue 3: the listener accepts, counts and closes.
+    # Plain TCP to 15008 reaches the HBONE listener, which wants TLS: refused.
     assert not ok
     after = counters(lab, "node2", "mesh/server", "hbone")
     assert after["connections"] == before["connections"] + 1
 
 
-def test_meshed_to_meshed_is_captured_on_both_sides(lab, servers):
+def test_meshed_to_meshed_travels_over_hbone_with_both_identities(lab, servers):
     srv = servers(lab)
     srv.serve("mesh/server", 7071, "both")
-    out_before = counters(lab, "node1", "mesh/client", "outbound")
     in_before = counters(lab, "node2", "mesh/server", "inbound")
     ok, banner = connect(lab, "mesh/client", lab.pod_ip("mesh/server"), 7071, "hi")
     assert ok, banner
-    assert counters(lab, "node1", "mesh/client", "outbound")["connections"] == out_before["connections"] + 1
-    assert counters(lab, "node2", "mesh/server", "inbound")["connections"] == in_before["connections"] + 1
+    client_id = "spiffe://cluster.local/ns/mesh/sa/client"
+    server_id = "spiffe://cluster.local/ns/mesh/sa/server"
+    out = agent_pod(lab, "node1", "mesh/client")
+    assert out["identity"] == client_id
+    [rec] = [r for r in out["connections"] if r["destination"].endswith(":7071")]
+    assert (rec["direction"], rec["protocol"], rec["outcome"]) == ("outbound", "HBONE", "closed")
+    assert (rec["source_identity"], rec["destination_identity"]) == (client_id, server_id)
+    assert rec["bytes_sent"] == 2
+    inbound = agent_pod(lab, "node2", "mesh/server")
+    [rec] = [r for r in inbound["connections"] if r["destination"].endswith(":7071")]
+    assert (rec["direction"], rec["protocol"], rec["outcome"]) == ("hbone", "HBONE", "closed")
+    assert (rec["source_identity"], rec["destination_identity"]) == (client_id, server_id)
+    assert rec["source"].startswith(lab.pod_ip("mesh/client") + ":")   # from the forwarded header
+    # It arrived over 15008, not as plaintext.
+    assert counters(lab, "node2", "mesh/server", "inbound") == in_before
 
 
 def test_pods_outside_the_mesh_are_untouched(lab, servers):

@@ -131,6 +131,7 @@ def make_lab():
         kwargs.setdefault("start_agents", False)
         kwargs.setdefault("ambient_cni", False)
         kwargs.setdefault("pod_timeout", 10.0)
+        kwargs.setdefault("ca", False)          # the CA is exercised by the product tests
         lab = Lab(new_name(), **kwargs)
         labs.append(lab)
         return lab
