@@ -758,6 +758,13 @@ class Lab:
         sysops.cgroup_create(cgroup)
         return self._spawn(netns, cgroup, argv, popen_kwargs)
 
+    def wire_exec(self, argv: Any, **popen_kwargs: Any) -> subprocess.Popen:
+        """Start a command in the underlay's namespace (packet captures on the ``wire`` bridge)."""
+        rec = self._read_records()
+        cgroup = f"{self.cgroup_root}/_wire"
+        sysops.cgroup_create(cgroup)
+        return self._spawn(sysops.netns_path(rec["wire"]["netns"]), cgroup, argv, popen_kwargs)
+
     def run(self, ns_name: str, argv: Any, timeout: float | None = 30.0, check: bool = False,
             input: str | bytes | None = None, **popen_kwargs: Any) -> subprocess.CompletedProcess:
         """``subprocess.run`` inside the pod; output captured as text by default."""

@@ -55,11 +55,14 @@ class PodServers:
 
 
 def connect(lab: Lab, pod: str, host: str, port: int, message: str = "hello",
-            mark: int = 0, timeout: float = 5.0, node: str | None = None) -> tuple[bool, str]:
+            mark: int = 0, timeout: float = 5.0, node: str | None = None,
+            half_close: bool = True) -> tuple[bool, str]:
     """Run peer.py connect in a pod (or a node); (succeeded, banner or error name)."""
     argv = [sys.executable, PEER, "connect", host, str(port), message, "--timeout", str(timeout)]
     if mark:
         argv += ["--mark", hex(mark)]
+    if not half_close:
+        argv.append("--no-half-close")
     done = (lab.node_run(node, argv, timeout=timeout + 10) if node
             else lab.run(pod, argv, timeout=timeout + 10))
     lines = done.stdout.splitlines()

@@ -51,8 +51,13 @@ def connect(args):
         if not banner:
             raise ConnectionResetError(errno.ECONNRESET, "closed before the banner")
         s.sendall(args.message.encode())
-        s.shutdown(socket.SHUT_WR)
-        echoed = f.read().decode()
+        if args.no_half_close:
+            # For peers that do not pass a half-close on (nghttpx): read the
+            # echo by length, then close.
+            echoed = f.read(len(args.message.encode())).decode()
+        else:
+            s.shutdown(socket.SHUT_WR)
+            echoed = f.read().decode()
     except OSError as exc:
         name = errno.errorcode.get(exc.errno, "TIMEOUT" if isinstance(exc, TimeoutError) else str(exc))
         print(f"ERROR {name}", flush=True)
@@ -75,6 +80,7 @@ def main():
     c.add_argument("message")
     c.add_argument("--mark", type=lambda v: int(v, 0), default=0)
     c.add_argument("--timeout", type=float, default=5.0)
+    c.add_argument("--no-half-close", action="store_true")
     args = p.parse_args()
     return serve(args) if args.cmd == "serve" else connect(args)
 
