@@ -10,7 +10,7 @@ DEBS        := python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking
                iproute2 tcpdump socat nghttp2-proxy tinyproxy bpftool
 BCC_DIR     := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean
+.PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean protos
 
 setup: $(STAMP) kernel-headers
 
@@ -49,6 +49,18 @@ unit: setup
 
 demo: setup
 	$(VPY) -m agent.lab.demo
+
+# Regenerate the CA API's Python modules from agent/identity/proto/ca.proto.
+# The generated code is committed; only run this after changing the .proto.
+# protoc runs with the repository root as include path so the modules import
+# each other as `agent.identity.proto.*` and the descriptor has a unique name.
+# grpcio-tools is pinned to the installed grpcio's minor version: generated
+# stubs refuse to load under a grpcio older than the generator.
+protos:
+	@[ -x $(VPY) ] || { echo "no virtualenv at $(VENV): run make setup first"; exit 1; }
+	@$(VPY) -c 'import grpc_tools' 2>/dev/null || \
+	 $(VPY) -m pip install -q "grpcio-tools==$$($(VPY) -c 'import grpc; print(".".join(grpc.__version__.split(".")[:2]))').*"
+	$(VPY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. agent/identity/proto/ca.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -39,7 +39,8 @@ class CaClient:
     ``token_provider`` is called for every request, so a rotating token
     (a projected service-account token) is always current.
     ``server_name`` overrides the name checked against the CA's certificate
-    when ``address`` is not one of its names.
+    when ``address`` is not one of its names. An empty ``root_pem`` (the
+    root file not there yet) fails calls until ``set_root_pem``.
     """
 
     def __init__(self, address: str, root_pem: bytes, token_provider: Callable[[], str],
@@ -53,6 +54,11 @@ class CaClient:
         self._stub: ca_pb2_grpc.IstioCertificateServiceStub | None = None
 
     def _ensure_stub(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
+        if not self._root_pem:
+            # gRPC would fall back to the system's public roots: never trust
+            # those for the CA; wait for the mesh root instead.
+            raise CaError(grpc.StatusCode.UNAVAILABLE,
+                          f"no root certificate to verify the CA at {self.address} with (yet)")
         if self._stub is None:
             options = list(_CHANNEL_OPTIONS)
             if self._server_name:

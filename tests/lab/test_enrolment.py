@@ -60,6 +60,7 @@ def test_enrolled_pod_waits_for_its_agent_and_others_do_not(lab):
     assert lab.pod("mesh/meshed")["status"]["phase"] == "Failed"
 
     # Once the agent is back, a new pod waits through the retries and starts captured.
+    lab.pod_timeout = 20.0
     timer = threading.Timer(1.0, lab.start_agent, args=("node1",))
     timer.start()
     try:
