@@ -901,6 +901,8 @@ class Lab:
 
     def start_ca(self) -> int:
         """Start the CA in the wire namespace, on the underlay; wait until it listens."""
+        if self.ca_pid() is not None:
+            raise LabError(f"the CA of lab {self.name} is already running (pid {self.ca_pid()})")
         rec = self._read_records()
         ip = model.ca_ip(rec["slot"])
         self.ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -28,12 +28,34 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from agent.proxy.hbone import CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 65535
+
+
+class _GracefulGoawayH2(h2.connection.H2Connection):
+    """h2's connection, except that a graceful GOAWAY (NO_ERROR) leaves open
+    streams working, as RFC 9113 6.8 says it should.
+
+    Stock h2 treats any received GOAWAY as the end of the connection: it
+    drops queued output and refuses to send on streams that are still open,
+    which would cut every tunnel of a draining peer. This overrides the one
+    private hook h2 dispatches GOAWAY frames to (checked against h2 4.x);
+    errors other than NO_ERROR keep h2's behaviour.
+    """
+
+    def _receive_goaway_frame(self, frame):
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class StreamReset(ConnectionError):
@@ -145,7 +167,7 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, client_side: bool, on_request: RequestHandler | None = None,
                  name: str = "", verify: Callable[[asyncio.BaseTransport], str] | None = None) -> None:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = _GracefulGoawayH2(config=config)
         self.h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
@@ -161,6 +183,7 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.goaway_received = False
+        self.goaway_sent = False
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.last_activity = asyncio.get_running_loop().time()
@@ -228,8 +251,9 @@ class H2Connection(asyncio.Protocol):
             self.streams[event.stream_id] = stream
             if event.stream_ended:
                 stream._end()
-            if self.on_request is None:
+            if self.on_request is None or self.goaway_sent:
                 stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+                self.streams.pop(event.stream_id, None)
                 return
             task = asyncio.ensure_future(self._serve(stream))
             self._tasks.add(task)
@@ -265,10 +289,13 @@ class H2Connection(asyncio.Protocol):
                 stream._window.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway_received = True
-            last = event.last_stream_id or 0
-            for sid, stream in list(self.streams.items()):
-                if sid > last:
-                    stream._reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            # last_stream_id speaks of streams the *receiver* opened: only a
+            # client has streams the peer may not have seen (RFC 9113 6.8).
+            if self.client_side:
+                last = event.last_stream_id or 0
+                for sid, stream in list(self.streams.items()):
+                    if sid > last:
+                        stream._reset(h2.errors.ErrorCodes.REFUSED_STREAM)
             if not self.streams and self.transport:
                 self.transport.close()
         elif isinstance(event, h2.events.PingAckReceived):
@@ -289,7 +316,7 @@ class H2Connection(asyncio.Protocol):
     def _maybe_forget(self, stream: H2Stream) -> None:
         if stream.remote_ended and (stream.local_ended or stream.reset_code is not None):
             self.streams.pop(stream.id, None)
-            if self.goaway_received and not self.streams and self.transport:
+            if (self.goaway_received or self.goaway_sent) and not self.streams and self.transport:
                 self.transport.close()
 
     def _abort_all(self) -> None:
@@ -338,7 +365,7 @@ class H2Connection(asyncio.Protocol):
 
     def capacity(self) -> int:
         """How many more streams this connection may open now."""
-        if self.closed or self.goaway_received:
+        if self.closed or self.goaway_received or self.goaway_sent:
             return 0
         limit = min(MAX_STREAMS_PER_CONNECTION, self.h2.remote_settings.max_concurrent_streams)
         return limit - len(self.streams)
@@ -369,16 +396,30 @@ class H2Connection(asyncio.Protocol):
             self._pings.pop(data, None)
 
     def goaway(self) -> None:
-        """Graceful: no new streams; open ones may finish."""
-        if self.closed:
+        """Graceful: tell the peer to open no new streams; open ones may finish.
+
+        ``h2``'s ``close_connection`` moves its state machine to CLOSED, after
+        which even open streams cannot send, so the GOAWAY frame is written
+        here directly and h2 keeps serving the streams already open.
+        """
+        if self.closed or self.goaway_sent or self.transport is None:
             return
-        try:
-            self.h2.close_connection()
-            self.flush()
-        except h2.exceptions.H2Error:
-            pass
+        self.goaway_sent = True
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.h2.highest_inbound_stream_id
+        frame.error_code = 0
+        self.flush()
+        self.transport.write(frame.serialize())
+        if not self.streams:
+            self.transport.close()
 
     def close(self) -> None:
-        self.goaway()
+        """Now: GOAWAY and close, cutting whatever is still open."""
+        if not self.closed:
+            try:
+                self.h2.close_connection()
+                self.flush()
+            except h2.exceptions.H2Error:
+                pass
         if self.transport is not None:
             self.transport.close()

@@ -67,6 +67,24 @@ def connect(args):
     return 0
 
 
+def chat(args):
+    """One long connection: each stdin line is sent, its echo printed."""
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(args.timeout)
+    try:
+        s.connect((args.host, args.port))
+        f = s.makefile("rb")
+        print(f.readline().decode().strip(), flush=True)
+        for line in sys.stdin:
+            s.sendall(line.encode())
+            print(f.readline().decode().strip() or "EOF", flush=True)
+    except OSError as exc:
+        print(f"ERROR {errno.errorcode.get(exc.errno, str(exc))}", flush=True)
+        return 2
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -81,8 +99,12 @@ def main():
     c.add_argument("--mark", type=lambda v: int(v, 0), default=0)
     c.add_argument("--timeout", type=float, default=5.0)
     c.add_argument("--no-half-close", action="store_true")
+    h = sub.add_parser("chat")
+    h.add_argument("host")
+    h.add_argument("port", type=int)
+    h.add_argument("--timeout", type=float, default=10.0)
     args = p.parse_args()
-    return serve(args) if args.cmd == "serve" else connect(args)
+    return {"serve": serve, "connect": connect, "chat": chat}[args.cmd](args)
 
 
 if __name__ == "__main__":

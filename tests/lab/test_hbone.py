@@ -267,3 +267,63 @@ def test_outbound_tunnels_through_nghttpx(lab, servers, tmp_path):
         lab.set_labels("Pod", "default", "peer", {"istio.io/dataplane-mode": None})
         lab.start_agent("node2")
         lab.start_agents = True
+
+
+def test_ca_unreachable_at_start_fails_closed_until_a_certificate_arrives(lab, servers):
+    srv = servers(lab)
+    srv.serve("mesh/server", 7086, "late")
+    lab.stop_ca()
+    lab.start_agents = False         # up() would otherwise bring the CA back at once
+    try:
+        lab.up("""
+apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: mesh}
+spec: {nodeName: node1, serviceAccountName: late}
+""")
+        assert agent_pod(lab, "node1", "mesh/late")["enrolled"] is True
+        ok, result = connect(lab, "mesh/late", lab.pod_ip("mesh/server"), 7086, "x", timeout=8)
+        assert not ok, result                 # captured, no certificate: nothing leaves
+        rec = agent_pod(lab, "node1", "mesh/late")["connections"][-1]
+        assert rec["outcome"].startswith("failed"), rec
+    finally:
+        lab.start_agents = True
+        lab.start_ca()
+    wait_for(lambda: connect(lab, "mesh/late", lab.pod_ip("mesh/server"), 7086, "y")[0], timeout=30,
+             what="a certificate once the CA is back")
+    certs = {c["identity"]: c for c in lab.agent_request("node1", {"op": "status"})["certificates"]}
+    assert certs["spiffe://cluster.local/ns/mesh/sa/late"]["state"] == "valid"
+    assert certs["spiffe://cluster.local/ns/mesh/sa/late"]["failures"] == 0
+
+
+def test_sigterm_drains_open_connections_and_refuses_new_ones(lab, servers):
+    srv = servers(lab)
+    srv.serve("mesh/server", 7087, "drain")
+    chat = lab.exec("mesh/client", [sys.executable, str(HERE / "peer.py"), "chat", lab.pod_ip("mesh/server"), "7087"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert chat.stdout.readline().startswith("drain ")
+        chat.stdin.write("before\n")
+        chat.stdin.flush()
+        assert chat.stdout.readline().strip() == "before"
+        pid = lab.agent_pid("node1")
+        lab.stop_agent("node1", signal.SIGTERM, wait=False)
+        time.sleep(1.0)
+        # New connections are refused while the agent drains ...
+        ok, result = connect(lab, "mesh/client", lab.pod_ip("mesh/server"), 7087, "new", timeout=3)
+        assert not ok, result
+        # ... and the open one keeps working until the deadline (5 s by default).
+        chat.stdin.write("during\n")
+        chat.stdin.flush()
+        assert chat.stdout.readline().strip() == "during"
+        wait_for(lambda: lab.agent_pid("node1") is None, timeout=15, what="the agent to exit")
+        # After the deadline the connection is cut.
+        chat.stdin.write("after\n")
+        chat.stdin.flush()
+        assert chat.stdout.readline().strip() in ("EOF", "", "ERROR ECONNRESET")
+    finally:
+        chat.kill()
+        chat.wait()
+        if lab.agent_pid("node1") is None:
+            lab.start_agent("node1")
+    assert connect(lab, "mesh/client", lab.pod_ip("mesh/server"), 7087, "again")[0]
