@@ -1,16 +1,24 @@
 """ambient-cni: the chained CNI plugin that enrols pods with the node agent.
 
-Runs once per pod sandbox operation, so it imports little (json, os,
-socket and the pure rule) and decides fast:
+It runs once per pod sandbox operation, so it imports little (json, os,
+socket, sys, time and the pure enrolment rule) and decides fast:
 
-* ADD: if the enrolment rule says the pod belongs to the mesh, the node
-  agent must confirm it captured the pod before the pod's containers start;
-  if the agent cannot be reached the ADD fails with code 11 and the runtime
-  retries (the pod waits, its traffic never flows uncaptured). A pod outside
-  the mesh is reported to the agent with a 200 ms budget whose failure is
-  ignored (so a label added later can enrol it), and never waits on it.
-* DEL: best effort; the pod's resources are going away anyway.
-* CHECK: a pod that should be enrolled must be enrolled.
+* ADD: read the pod and its namespace from the cluster state file and apply
+  the enrolment rule. A pod that must be in the mesh is only let through
+  once the node agent confirms it (connection, request, answer: all within
+  ``agent_timeout_seconds``); otherwise the ADD fails with code 11 and the
+  runtime retries, so the pod's traffic never flows uncaptured. A pod
+  outside the mesh is reported to the agent with a 200 ms budget whose
+  failure is ignored (the agent learns its namespace, so a label added
+  later can enrol it), and never waits on the agent.
+  Either way the result is ``prevResult``, unchanged.
+* DEL: tell the agent, best effort; DEL succeeds even if the agent is gone
+  (the spec wants DEL to succeed when there is nothing left to undo, and
+  the agent forgets pods whose namespace has vanished on its own).
+* CHECK: a pod that must be in the mesh must be listed enrolled by the agent.
+
+Errors are CNI error objects on stdout with exit status 1. Logs go to
+stderr on errors only, and to ``log_file`` (if configured) for every call.
 """
 
 from __future__ import annotations
@@ -19,158 +27,335 @@ import json
 import os
 import socket
 import sys
+import time
 
-from agent.enrol.rule import decide
-from cni.config import (ERR_INVALID_CONFIG, ERR_NOT_ENROLLED, ERR_TRY_AGAIN_LATER, CniError,
-                        Environment, PluginConfig, add_result, parse_config, parse_environment,
-                        result_addresses, version_result)
+from agent.enrol.rule import EnrolmentDecision, decide, pod_namespace
+from cni.config import (CURRENT_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_IO, ERR_NOT_ENROLLED,
+                        ERR_TRY_AGAIN_LATER, CniError, Environment, PluginConfig, add_result,
+                        parse_config, parse_environment, pod_addresses, render, version_result)
 
+# The whole budget for telling the agent about a pod outside the mesh.
 NOTIFY_BUDGET_SECONDS = 0.2
+# A status reply lists every pod on the node; anything bigger is not an agent.
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+
+# -- talking to the agent ----------------------------------------------------------
+
+class AgentError(Exception):
+    """The agent could not be asked or did not answer; the message says which step failed."""
 
 
 def agent_call(path: str, request: dict, timeout: float) -> dict:
-    """One request/response with the node agent; raises OSError or ValueError."""
+    """Send one request line, read one reply line, all within ``timeout`` seconds.
+
+    The budget covers connect, send and receive together (a per-operation
+    timeout would let a slow agent stretch 200 ms into 600).
+    """
+    deadline = time.monotonic() + timeout
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AgentError(f"no answer from {path} within {timeout:g} s")
+        return left
+
+    buf = b""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps(request).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    if not buf:
-        raise ValueError("the agent closed the connection without answering")
-    reply = json.loads(buf)
+        s.settimeout(remaining())
+        try:
+            s.connect(path)
+        except socket.timeout:
+            raise AgentError(f"connect {path}: no answer within {timeout:g} s") from None
+        except OSError as exc:
+            raise AgentError(f"connect {path}: {exc.strerror or exc}") from None
+        try:
+            s.settimeout(remaining())
+            s.sendall(json.dumps(request).encode() + b"\n")
+            while b"\n" not in buf:
+                s.settimeout(remaining())
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_REPLY_BYTES:
+                    raise AgentError(f"{path} sent more than {MAX_REPLY_BYTES} bytes without a newline")
+        except socket.timeout:
+            raise AgentError(f"no answer from {path} within {timeout:g} s") from None
+        except OSError as exc:
+            raise AgentError(f"talking to {path}: {exc.strerror or exc}") from None
+    line = buf.partition(b"\n")[0]
+    if not line.strip():
+        raise AgentError(f"{path} closed the connection without answering")
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
     if not isinstance(reply, dict):
-        raise ValueError(f"the agent answered {buf[:200]!r}")
+        raise AgentError(f"{path} answered with something other than a JSON object: {line[:200]!r}")
     return reply
 
 
-def read_pod(config: PluginConfig, env: Environment) -> tuple[dict | None, dict | None]:
-    """The pod and its namespace from the cluster state file."""
-    path = config.state[len("file:"):]
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise CniError(ERR_TRY_AGAIN_LATER, "cluster state unreadable", f"{path}: {exc.strerror}") from None
-    try:
-        doc = json.loads(text)
-        items = doc["items"] if isinstance(doc, dict) and "items" in doc else [doc]
-    except (ValueError, KeyError):
-        from agent.state.model import load_state_text   # YAML state: rare, slower path
-        state = load_state_text(text)
-        return state.pod(env.pod_namespace, env.pod_name), state.namespace(env.pod_namespace)
-    pod = namespace = None
+# -- logging -----------------------------------------------------------------------
+
+class Log:
+    """Errors to stderr (the runtime shows it), everything to ``log_file`` if set.
+
+    Several plugin processes may append to the same file at once: each line
+    is one ``write`` on an ``O_APPEND`` descriptor, so lines never interleave.
+    A log that cannot be written never fails the plugin.
+    """
+
+    def __init__(self, env: Environment | None = None) -> None:
+        self.path: str | None = None
+        self.context = ""
+        if env is not None and env.command != "VERSION":
+            self.context = f"{env.command} {env.pod_key} {env.container_id[:12]}"
+
+    def info(self, message: str) -> None:
+        self._file(message)
+
+    def error(self, message: str) -> None:
+        prefix = f"ambient-cni: {self.context}" if self.context else "ambient-cni"
+        sys.stderr.write(f"{prefix}: {message}\n")
+        self._file(message)
+
+    def _file(self, message: str) -> None:
+        if not self.path:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        line = f"{stamp} ambient-cni[{os.getpid()}] {self.context}: {message}\n".encode(errors="replace")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            sys.stderr.write(f"ambient-cni: cannot write log {self.path}: {exc.strerror}\n")
+            self.path = None      # say it once
+
+
+# -- the cluster state ---------------------------------------------------------------
+
+def _find(items, namespace: str, name: str) -> tuple[dict | None, dict | None]:
+    """The Pod ``namespace/name`` and the Namespace ``namespace`` among ``items``.
+
+    A later item replaces an earlier one, as in ``agent.state.model``.
+    """
+    pod = ns = None
     for item in items:
-        if not isinstance(item, dict):
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        if not isinstance(meta, dict):
             continue
-        meta = item.get("metadata") or {}
-        if item.get("kind") == "Pod" and meta.get("name") == env.pod_name and \
-                (meta.get("namespace") or "default") == env.pod_namespace:
-            pod = item
-        elif item.get("kind") == "Namespace" and meta.get("name") == env.pod_namespace:
-            namespace = item
-    return pod, namespace
+        kind = item.get("kind")
+        if kind == "Pod":
+            if meta.get("name") == name and pod_namespace(item) == namespace:
+                pod = item
+        elif kind == "Namespace" and meta.get("name") == namespace:
+            ns = item
+    return pod, ns
 
 
-def must_enrol(config: PluginConfig, env: Environment) -> bool:
+def read_pod(config: PluginConfig, env: Environment) -> tuple[dict | None, dict | None]:
+    """The pod and its Namespace object from the cluster state file (None: absent).
+
+    The lab writes JSON, scanned here directly; anything else (YAML written
+    by hand) goes through ``agent.state.model``, imported only then because
+    it pulls in dataclasses and, for YAML, PyYAML.
+    """
+    path = config.state_path
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise CniError(ERR_TRY_AGAIN_LATER, "cluster state unreadable",
+                       f"{path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
+        items = doc.get("items") if doc["kind"].endswith("List") else [doc]
+        if isinstance(items, list):
+            return _find(items, env.pod_namespace, env.pod_name)
+    from agent.state.model import StateError, load_state_text
+    try:
+        state = load_state_text(data.decode("utf-8", "replace"))
+    except StateError as exc:
+        raise CniError(ERR_TRY_AGAIN_LATER, "cluster state unreadable", f"{path}: {exc}") from None
+    return state.pod(env.pod_namespace, env.pod_name), state.namespace(env.pod_namespace)
+
+
+def enrolment(config: PluginConfig, env: Environment) -> EnrolmentDecision:
+    """The rule's answer for the pod of this invocation.
+
+    Kubernetes creates the Pod object before the kubelet asks for a sandbox,
+    so a pod missing from the state (or present only as an older pod of the
+    same name, with another uid) means the state has not caught up yet. The
+    rule is then applied to what is known, the namespace:
+
+    * namespace in the mesh: code 11, "pod not yet known". The runtime
+      retries; guessing "not enrolled" would start a pod of a mesh
+      namespace uncaptured (and the pod's own labels might still opt it
+      out, which only its record can tell).
+    * otherwise: not enrolled. Only a pod label could still enrol it, and
+      failing every pod of every unlabelled namespace while the state lags
+      would make the whole node depend on the state writer.
+    """
     pod, namespace = read_pod(config, env)
-    if pod is None:
-        # Kubernetes creates the Pod object before the kubelet runs CNI, so a
-        # missing pod means the state has not caught up. Decide on what we
-        # know: a pod in an ambient namespace must wait for its record (code
-        # 11, retried); otherwise treat it as outside the mesh.
-        pod = {"metadata": {"namespace": env.pod_namespace, "name": env.pod_name}}
-        if decide(pod, namespace, config.exclude_namespaces).enrolled:
-            raise CniError(ERR_TRY_AGAIN_LATER, f"pod {env.pod_namespace}/{env.pod_name} not yet in the cluster state",
-                           "its namespace is in the mesh; retry once the state has it")
-        return False
-    return decide(pod, namespace, config.exclude_namespaces).enrolled
+    if pod is not None and env.pod_uid:
+        meta = pod.get("metadata")
+        state_uid = meta.get("uid") if isinstance(meta, dict) else None
+        if state_uid and state_uid != env.pod_uid:
+            pod = None
+    if pod is not None:
+        return decide(pod, namespace, config.exclude_namespaces)
+    stand_in = {"metadata": {"namespace": env.pod_namespace, "name": env.pod_name}}
+    by_namespace = decide(stand_in, namespace, config.exclude_namespaces)
+    if by_namespace.enrolled:
+        raise CniError(ERR_TRY_AGAIN_LATER, f"pod {env.pod_key} not yet known",
+                       f"no record of pod {env.pod_key} (uid {env.pod_uid or '?'}) in "
+                       f"{config.state_path} yet, and its {by_namespace.reason}")
+    return EnrolmentDecision(False, f"pod not in the cluster state; {by_namespace.reason}")
 
 
-def cmd_add(config: PluginConfig, env: Environment) -> dict:
-    ips, gateways = result_addresses(config.prev_result or {})
+# -- commands --------------------------------------------------------------------------
+
+def cmd_add(config: PluginConfig, env: Environment, log: Log) -> dict:
+    ips, gateways = pod_addresses(config.prev_result or {})
     request = {"op": "cni-add", "namespace": env.pod_namespace, "name": env.pod_name,
                "uid": env.pod_uid, "container_id": env.container_id, "netns": env.netns,
                "interface": env.ifname, "ips": ips, "gateways": gateways}
-    if not must_enrol(config, env):
+    decision = enrolment(config, env)
+
+    if not decision.enrolled:
+        # The agent refuses a cni-add without an address; nothing to tell it then.
         if ips:
             try:
-                agent_call(config.agent_socket, request, NOTIFY_BUDGET_SECONDS)
-            except (OSError, ValueError):
-                pass    # informational only: this pod does not depend on the agent
+                agent_call(config.agent_socket, request,
+                           min(NOTIFY_BUDGET_SECONDS, config.agent_timeout_seconds))
+            except AgentError as exc:
+                log.info(f"agent not informed (ignored, the pod does not need it): {exc}")
+        log.info(f"not enrolled: {decision.reason}")
         return add_result(config)
+
     if not ips:
-        raise CniError(ERR_INVALID_CONFIG, "prevResult has no IP address to capture",
-                       "the previous plugin in the chain assigned no address")
+        raise CniError(ERR_INVALID_CONFIG, "prevResult has no pod address to capture",
+                       "the plugins before ambient-cni gave the pod's interface no address")
     try:
         reply = agent_call(config.agent_socket, request, config.agent_timeout_seconds)
-    except (OSError, ValueError) as exc:
-        raise CniError(ERR_TRY_AGAIN_LATER, "ambient node agent unreachable",
-                       f"{config.agent_socket}: {exc}") from None
-    if not reply.get("ok"):
-        raise CniError(ERR_TRY_AGAIN_LATER, "ambient node agent refused the pod",
-                       str(reply.get("error", reply)))
+    except AgentError as exc:
+        raise CniError(ERR_TRY_AGAIN_LATER, "ambient node agent unreachable", str(exc)) from None
+    if reply.get("ok") is not True:
+        raise CniError(ERR_TRY_AGAIN_LATER, "ambient node agent did not enrol the pod",
+                       str(reply.get("error") or f"the agent answered {json.dumps(reply)[:300]}"))
+    if reply.get("enrolled") is False:
+        # The agent is the authority on capture: it may have seen a newer
+        # state (a label just removed). Not an error for the pod.
+        log.info(f"the rule says enrol ({decision.reason}) but the agent did not: {reply.get('reason')}")
+    else:
+        log.info(f"enrolled: {decision.reason}")
     return add_result(config)
 
 
-def cmd_del(config: PluginConfig, env: Environment) -> None:
+def cmd_del(config: PluginConfig, env: Environment, log: Log) -> None:
     if not (env.pod_namespace and env.pod_name):
+        log.info("no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS: nothing to tell the agent")
         return
     request = {"op": "cni-del", "namespace": env.pod_namespace, "name": env.pod_name,
                "uid": env.pod_uid, "container_id": env.container_id}
     try:
-        agent_call(config.agent_socket, request, config.agent_timeout_seconds)
-    except (OSError, ValueError) as exc:
-        # DEL must succeed when there is nothing left to undo; the agent
-        # drops records of vanished namespaces itself when it starts.
-        print(f"ambient-cni: DEL {env.pod_namespace}/{env.pod_name}: agent unreachable: {exc}",
-              file=sys.stderr)
+        reply = agent_call(config.agent_socket, request, config.agent_timeout_seconds)
+    except AgentError as exc:
+        log.error(f"agent not informed (DEL succeeds anyway): {exc}")
+        return
+    if reply.get("ok") is not True:
+        log.error(f"agent refused the DEL (DEL succeeds anyway): {reply.get('error') or reply}")
+    else:
+        log.info("agent informed")
 
 
-def cmd_check(config: PluginConfig, env: Environment) -> None:
-    if not must_enrol(config, env):
+def _listed(pods, env: Environment) -> dict | None:
+    """The agent's entry for this pod: by uid when both sides know it, else by name."""
+    for entry in pods if isinstance(pods, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        if env.pod_uid and entry.get("uid"):
+            if entry["uid"] == env.pod_uid:
+                return entry
+        elif entry.get("namespace") == env.pod_namespace and entry.get("name") == env.pod_name:
+            return entry
+    return None
+
+
+def cmd_check(config: PluginConfig, env: Environment, log: Log) -> None:
+    decision = enrolment(config, env)
+    if not decision.enrolled:
+        log.info(f"not in the mesh, nothing to check: {decision.reason}")
         return
     try:
         status = agent_call(config.agent_socket, {"op": "status"}, config.agent_timeout_seconds)
-    except (OSError, ValueError) as exc:
-        raise CniError(ERR_TRY_AGAIN_LATER, "ambient node agent unreachable",
-                       f"{config.agent_socket}: {exc}") from None
-    for pod in status.get("pods", []):
-        if pod.get("namespace") == env.pod_namespace and pod.get("name") == env.pod_name:
-            if pod.get("enrolled"):
-                return
-            break
-    raise CniError(ERR_NOT_ENROLLED, f"pod {env.pod_namespace}/{env.pod_name} should be in the mesh but is not captured")
+    except AgentError as exc:
+        raise CniError(ERR_TRY_AGAIN_LATER, "ambient node agent unreachable", str(exc)) from None
+    if status.get("ok") is not True:
+        raise CniError(ERR_TRY_AGAIN_LATER, "ambient node agent status failed",
+                       str(status.get("error") or status))
+    entry = _listed(status.get("pods"), env)
+    if entry is None:
+        raise CniError(ERR_NOT_ENROLLED, f"pod {env.pod_key} must be in the mesh but the agent does not know it",
+                       f"rule: {decision.reason}")
+    if entry.get("enrolled") is not True:
+        raise CniError(ERR_NOT_ENROLLED, f"pod {env.pod_key} must be in the mesh but is not captured",
+                       f"rule: {decision.reason}; agent: {entry.get('reason') or 'not enrolled'}")
+    log.info("enrolled, as it must be")
 
 
-def run(stdin: bytes, environ: dict[str, str]) -> tuple[int, dict | None]:
-    """The whole plugin as a function: (exit code, JSON to print or None)."""
-    version = "1.0.0"
+# -- entry point ------------------------------------------------------------------------
+
+def run(environ, read_stdin) -> tuple[int, dict | None]:
+    """The whole plugin as a function: (exit status, JSON object to print or None).
+
+    ``read_stdin`` is called only for commands that take a configuration
+    (VERSION run by hand must not wait for a terminal's end of file).
+    """
+    version = CURRENT_VERSION
+    log = Log()
     try:
         env = parse_environment(environ)
         if env.command == "VERSION":
             return 0, version_result()
-        config = parse_config(stdin, env.command)
+        log = Log(env)
+        try:
+            data = read_stdin()
+        except OSError as exc:
+            raise CniError(ERR_IO, "cannot read the network configuration from stdin",
+                           str(exc.strerror or exc)) from None
+        config = parse_config(data, env.command)
         version = config.cni_version
+        log.path = config.log_file
         if env.command == "ADD":
-            return 0, cmd_add(config, env)
+            return 0, cmd_add(config, env, log)
         if env.command == "DEL":
-            cmd_del(config, env)
-            return 0, None
-        cmd_check(config, env)
+            cmd_del(config, env, log)
+        else:
+            cmd_check(config, env, log)
         return 0, None
     except CniError as err:
+        log.error(f"error {err.code}: {err}")
+        return 1, err.to_json(version)
+    except Exception as exc:   # a bug: still answer in CNI's terms, with the traceback on stderr
+        import traceback
+        traceback.print_exc()
+        err = CniError(ERR_INTERNAL, "ambient-cni internal error", f"{type(exc).__name__}: {exc}")
+        log.error(f"error {err.code}: {err}")
         return 1, err.to_json(version)
 
 
 def main() -> int:
-    code, output = run(sys.stdin.buffer.read(), dict(os.environ))
+    code, output = run(os.environ, sys.stdin.buffer.read)
     if output is not None:
-        sys.stdout.write(json.dumps(output))
+        sys.stdout.write(render(output))
         sys.stdout.flush()
     return code
 

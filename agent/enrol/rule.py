@@ -1,13 +1,25 @@
 """Istio's ambient enrolment rule: is this pod in the mesh, and why.
 
-Pure and stdlib-only: the CNI plugin imports it on every pod start.
+Pure and stdlib-only: the CNI plugin imports it on every pod sandbox
+operation, so it must stay cheap to import (no third-party modules, no
+``typing``; ``dataclasses`` is the one indulgence, for the value type).
 
-A pod is enrolled when it or its namespace carries
-``istio.io/dataplane-mode=ambient``, unless the pod itself says
-``istio.io/dataplane-mode=none``. Never enrolled, whatever the labels:
-host-network pods (they share the node's namespace), pods that already run
-an Istio sidecar (annotation ``sidecar.istio.io/status``), and pods in
-excluded namespaces (``kube-system`` by default).
+The rule, as Istio's CNI agent applies it:
+
+* a pod is enrolled when it, or its namespace, carries
+  ``istio.io/dataplane-mode=ambient``; a pod label is enough on its own,
+  even in an unlabelled namespace;
+* a pod labelled ``istio.io/dataplane-mode=none`` opts out, whatever its
+  namespace says;
+* never enrolled, whatever the labels: pods in excluded namespaces
+  (``kube-system`` by default), pods that already run an Istio sidecar
+  (annotation ``sidecar.istio.io/status``) and host-network pods (they share
+  the node's network namespace, so there is no pod namespace to capture in).
+
+``decide`` reports the *first* rule that settles the question, checked from
+the node's configuration down to the pod itself, so the reason an operator
+sees is the most fundamental one: an unlabelled host-network pod is "not
+labelled" (nobody asked for it), a labelled one is "hostNetwork pod".
 """
 
 from __future__ import annotations
@@ -18,42 +30,57 @@ DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 MODE_AMBIENT = "ambient"
 MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
+DEFAULT_NAMESPACE = "default"
 DEFAULT_EXCLUDED = ("kube-system",)
+
+_AMBIENT = f"{DATAPLANE_MODE_LABEL}={MODE_AMBIENT}"
+_NONE = f"{DATAPLANE_MODE_LABEL}={MODE_NONE}"
 
 
 @dataclass(frozen=True)
 class EnrolmentDecision:
     enrolled: bool
-    reason: str
+    reason: str       # short and human-readable: it ends up in logs and `status`
 
 
-def _meta(obj: dict | None, field: str) -> dict:
-    if not isinstance(obj, dict):
-        return {}
-    meta = obj.get("metadata")
-    value = meta.get(field) if isinstance(meta, dict) else None
-    return value if isinstance(value, dict) else {}
+def _mapping(obj, *path: str) -> dict:
+    """``obj[path[0]][path[1]]...`` when every step is a mapping, else ``{}``.
+
+    The rule sees objects straight from a state file or the API; a field of
+    the wrong type must read as absent, never raise.
+    """
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) else {}
+
+
+def pod_namespace(pod: dict) -> str:
+    """The pod's namespace; Kubernetes defaults an omitted one to ``default``."""
+    name = _mapping(pod, "metadata").get("namespace")
+    return name if isinstance(name, str) and name else DEFAULT_NAMESPACE
 
 
 def decide(pod: dict, namespace: dict | None,
            excluded_namespaces=DEFAULT_EXCLUDED) -> EnrolmentDecision:
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
-    ns_name = meta.get("namespace") or "default"
-    pod_labels = _meta(pod, "labels")
-    ns_labels = _meta(namespace, "labels")
+    """Whether ``pod`` (in ``namespace``, the Namespace object if known) is enrolled.
+
+    ``excluded_namespaces`` replaces the default list (it is not added to it),
+    like the CNI plugin's and the agent's ``exclude_namespaces`` settings.
+    """
+    ns_name = pod_namespace(pod)
+    pod_mode = _mapping(pod, "metadata", "labels").get(DATAPLANE_MODE_LABEL)
+    ns_mode = _mapping(namespace, "metadata", "labels").get(DATAPLANE_MODE_LABEL)
 
     if ns_name in excluded_namespaces:
         return EnrolmentDecision(False, f"namespace {ns_name} is excluded")
-    if spec.get("hostNetwork") is True:
-        return EnrolmentDecision(False, "hostNetwork pod")
-    if SIDECAR_STATUS_ANNOTATION in _meta(pod, "annotations"):
-        return EnrolmentDecision(False, "pod has an Istio sidecar")
-    pod_mode = pod_labels.get(DATAPLANE_MODE_LABEL)
     if pod_mode == MODE_NONE:
-        return EnrolmentDecision(False, f"pod opted out with {DATAPLANE_MODE_LABEL}={MODE_NONE}")
+        return EnrolmentDecision(False, f"pod opted out with {_NONE}")
+    if pod_mode != MODE_AMBIENT and ns_mode != MODE_AMBIENT:
+        return EnrolmentDecision(False, f"no {_AMBIENT} label on pod or namespace")
+    if SIDECAR_STATUS_ANNOTATION in _mapping(pod, "metadata", "annotations"):
+        return EnrolmentDecision(False, "pod has an Istio sidecar")
+    if _mapping(pod, "spec").get("hostNetwork") is True:
+        return EnrolmentDecision(False, "hostNetwork pod")
     if pod_mode == MODE_AMBIENT:
-        return EnrolmentDecision(True, f"pod labelled {DATAPLANE_MODE_LABEL}={MODE_AMBIENT}")
-    if ns_labels.get(DATAPLANE_MODE_LABEL) == MODE_AMBIENT:
-        return EnrolmentDecision(True, f"namespace {ns_name} labelled {DATAPLANE_MODE_LABEL}={MODE_AMBIENT}")
-    return EnrolmentDecision(False, f"no {DATAPLANE_MODE_LABEL}={MODE_AMBIENT} label on pod or namespace")
+        return EnrolmentDecision(True, f"pod labelled {_AMBIENT}")
+    return EnrolmentDecision(True, f"namespace {ns_name} labelled {_AMBIENT}")

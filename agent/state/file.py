@@ -1,7 +1,8 @@
 """The file state source: a `kind: List` document the lab (or a person) writes.
 
-The file is replaced atomically by its writer, so it is watched by path
-(inode, size and mtime), not through an open file.
+Writers replace the file atomically (temp file + rename), so it is watched
+by path through its identity stamp (inode, size, mtime), never through an
+open file descriptor, which would keep reading the replaced version.
 """
 
 from __future__ import annotations
@@ -15,66 +16,140 @@ from agent.state.model import ClusterState, StateError, load_state_text
 
 log = logging.getLogger(__name__)
 
+# (st_ino, st_size, st_mtime_ns) of one version of the file; None: no file.
+Stamp = tuple[int, int, int]
+
 
 def parse_state_url(url: str) -> str:
-    """``file:/path`` -> ``/path``."""
-    if url.startswith("file:"):
-        path = url[len("file:"):]
-        if not path:
-            raise StateError("state source 'file:' needs a path")
-        return path
-    if url == "kube":
-        raise StateError("state source 'kube' (the Kubernetes API) is not implemented yet; use file:PATH")
-    raise StateError(f"unsupported state source {url!r}: expected file:PATH")
+    """The path of a ``file:PATH`` state source (``file:///PATH`` also works).
+
+    Only files are implemented; ``kube`` (the Kubernetes API) is planned and
+    gets an error that says so.
+    """
+    scheme, sep, rest = url.partition(":")
+    if not sep:
+        scheme, rest = url, ""
+    if scheme == "file":
+        if rest.startswith("//"):
+            host, slash, path = rest[2:].partition("/")
+            if host not in ("", "localhost"):
+                raise StateError(f"state source {url!r}: a file URL cannot name host {host!r}")
+            rest = slash + path
+        if not rest:
+            raise StateError(f"state source {url!r}: 'file:' needs a path, e.g. file:/run/ambient/state.json")
+        return rest
+    if scheme == "kube":
+        raise StateError(f"state source {url!r}: the Kubernetes API source ('kube') is not "
+                         "implemented yet; use file:PATH")
+    raise StateError(f"unsupported state source {url!r}: expected file:PATH "
+                     "(the Kubernetes API source 'kube' will come later)")
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _UnreadableVersion(StateError):
+    """A StateError that remembers which version of the file failed."""
+
+    def __init__(self, message: str, stamp: Stamp | None) -> None:
+        super().__init__(message)
+        self.stamp = stamp
 
 
 class FileStateSource:
+    """Reads a cluster state file and reports each new version of it."""
+
     def __init__(self, path: str) -> None:
         self.path = path
-        self._seen: tuple | None = None
-        self._bad: tuple | None = None
+        # The last version read by load(): a version of the file with the
+        # same stamp is not read and parsed again.
+        self._cached: tuple[Stamp | None, ClusterState] | None = None
 
-    def _stamp(self) -> tuple | None:
+    def _current_stamp(self) -> Stamp | None:
         try:
-            st = os.stat(self.path)
+            return _stamp(os.stat(self.path))
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            raise _UnreadableVersion(f"stat {self.path}: {exc.strerror}", None) from None
 
     def load(self) -> ClusterState:
-        """Read the file now. A missing file is an empty cluster (the lab writes it later)."""
-        stamp = self._stamp()
-        if stamp is None:
-            self._seen = None
-            return ClusterState.from_items([])
+        """The file's current state (raises ``StateError`` if unreadable).
+
+        A missing file is an empty cluster: the agent may start before the
+        lab writes the first version. An unchanged file (same stamp) returns
+        the state already parsed, so callers may load on every request.
+        """
+        return self._load()[1]
+
+    def _load(self) -> tuple[Stamp | None, ClusterState]:
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                text = fh.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateError(f"read {self.path}: {exc}") from None
+            with open(self.path, "rb") as fh:
+                # The stamp of the version actually read, not of a path lookup
+                # that a concurrent rename could have overtaken.
+                stamp = _stamp(os.fstat(fh.fileno()))
+                if self._cached is not None and self._cached[0] == stamp:
+                    return self._cached
+                data = fh.read()
+        except FileNotFoundError:
+            self._cached = (None, ClusterState.from_items([]))
+            return self._cached
+        except OSError as exc:      # permissions, a directory, an I/O error
+            raise _UnreadableVersion(f"read {self.path}: {exc.strerror}", self._current_stamp()) from None
         try:
-            state = load_state_text(text)
+            state = load_state_text(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise _UnreadableVersion(f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                     stamp) from None
         except StateError as exc:
-            raise StateError(f"{self.path}: {exc}") from None
-        self._seen = stamp
+            raise _UnreadableVersion(f"{self.path}: {exc}", stamp) from None
         for err in state.errors:
-            log.warning("state %s: skipped %s", self.path, err)
-        return state
+            log.warning("cluster state %s: skipped %s", self.path, err)
+        self._cached = (stamp, state)
+        return self._cached
 
     async def watch(self, on_change: Callable[[ClusterState], None], interval: float = 0.2) -> None:
-        """Call ``on_change`` with each new version; a bad version keeps the last good one."""
+        """Poll the file; call ``on_change`` with each new good version. Runs until cancelled.
+
+        The first poll (immediately) reports the version present when
+        watching starts, unless ``load()`` already returned that very
+        version. A version that cannot be read or parsed is logged once and
+        skipped: the caller keeps its previous state. A vanished file is not
+        reported as an empty cluster either (that would release every pod);
+        the next version written is.
+
+        Every new version is reported, even one that ``load()`` read first
+        for another caller (the agent reloads on CNI requests).
+
+        State files are small and parsed inline: JSON parsing holds the GIL,
+        so a thread would not keep the event loop any more responsive.
+        """
+        reported = self._cached[0] if self._cached is not None else None
+        # The version whose failure was logged (its stamp, or the message when
+        # not even its stamp could be had), so each failure is logged once.
+        failed: Stamp | str | None = None
+        missing_logged = False
         while True:
+            state = None
+            try:
+                stamp = self._current_stamp()
+                if stamp is None:
+                    if reported is not None and not missing_logged:
+                        log.warning("cluster state %s vanished; keeping the previous state", self.path)
+                        missing_logged = True
+                elif stamp != reported and stamp != failed:
+                    read_stamp, state = self._load()
+            except _UnreadableVersion as exc:
+                key = exc.stamp if exc.stamp is not None else str(exc)
+                if key != failed:
+                    log.error("cluster state unreadable, keeping the previous one: %s", exc)
+                failed = key
+            if state is not None:
+                reported, failed, missing_logged = read_stamp, None, False
+                try:
+                    on_change(state)
+                except Exception:   # a consumer's bug must not stop the watch
+                    log.exception("applying cluster state %s (resourceVersion %r) failed",
+                                  self.path, state.resource_version)
             await asyncio.sleep(interval)
-            stamp = self._stamp()
-            if stamp == self._seen or stamp is None or stamp == self._bad:
-                continue
-            try:
-                state = self.load()
-            except StateError as exc:
-                self._bad = stamp
-                log.error("ignoring unreadable cluster state (keeping the previous one): %s", exc)
-                continue
-            try:
-                on_change(state)
-            except Exception:
-                log.exception("applying cluster state %s failed", state.resource_version)

@@ -1,5 +1,6 @@
-"""ambient-cni: environment and config handling, and the real plugin process
-against a stand-in agent on a Unix socket."""
+"""ambient-cni as the runtime runs it: the installed console script as a
+child process, a cluster state file, and a stand-in node agent on a Unix
+socket (a thread of this test) that records what it is asked."""
 
 from __future__ import annotations
 
@@ -8,263 +9,477 @@ import os
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cni.config import CniError, parse_cni_args, parse_config, parse_environment, result_addresses
-
-PREV_100 = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/x"}],
-            "ips": [{"address": "198.18.0.5/24", "gateway": "198.18.0.1", "interface": 0}]}
-PREV_031 = {"cniVersion": "0.3.1", "ips": [{"version": "4", "address": "198.18.0.6/24", "gateway": "198.18.0.1"}]}
-
-
-def env(command="ADD", **extra):
-    e = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/x",
-         "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni",
-         "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=web;K8S_POD_UID=u1"}
-    e.update(extra)
-    return {k: v for k, v in e.items() if v is not None}
+PREV_100 = {"cniVersion": "1.0.0",
+            "interfaces": [{"name": "cni0", "mac": "aa:00:00:00:00:01"},
+                           {"name": "veth1", "mac": "aa:00:00:00:00:02"},
+                           {"name": "eth0", "mac": "aa:00:00:00:00:03", "sandbox": "/run/netns/p1"}],
+            "ips": [{"address": "198.18.0.5/24", "gateway": "198.18.0.1", "interface": 2}],
+            "routes": [{"dst": "0.0.0.0/0"}], "dns": {}}
+PREV_031 = {"cniVersion": "0.3.1", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/p1"}],
+            "ips": [{"version": "4", "address": "198.18.0.6/24", "gateway": "198.18.0.1", "interface": 0}]}
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+POD_ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=c1;K8S_POD_UID=u1"
+ENROLLED = {"ok": True, "enrolled": True, "reason": "namespace mesh labelled istio.io/dataplane-mode=ambient"}
 
 
-def config(sock="/run/x/agent.sock", state="file:/tmp/state.json", prev=PREV_100, version="1.0.0", **extra):
-    c = {"cniVersion": version, "name": "lab", "type": "ambient-cni", "agent_socket": sock, "state": state}
-    if prev is not None:
-        c["prevResult"] = prev
-    c.update(extra)
-    return json.dumps(c).encode()
+def plugin_command() -> list[str]:
+    """The installed console script (what the lab links into CNI_PATH)."""
+    script = Path(sysconfig.get_path("scripts")) / "ambient-cni"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cni.plugin"]
 
 
-def test_cni_args():
-    assert parse_cni_args("IgnoreUnknown=1;K8S_POD_NAME=a;X=") == {"IgnoreUnknown": "1", "K8S_POD_NAME": "a", "X": ""}
-    assert parse_cni_args("") == {}
-    with pytest.raises(CniError) as err:
-        parse_cni_args("K8S_POD_NAME")
-    assert err.value.code == 7
+class Result:
+    def __init__(self, done: subprocess.CompletedProcess, elapsed: float) -> None:
+        self.code = done.returncode
+        self.stdout = done.stdout.decode()
+        self.stderr = done.stderr.decode()
+        self.out = json.loads(self.stdout) if self.stdout.strip() else None
+        self.elapsed = elapsed
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out}, stderr={self.stderr!r}, elapsed={self.elapsed:.2f})"
 
 
-@pytest.mark.parametrize("environ, code, message", [
-    (env(command=None), 7, "CNI_COMMAND"),
-    (env(command="REBOOT"), 7, "CNI_COMMAND"),
-    (env(CNI_CONTAINERID=None), 7, "CNI_CONTAINERID"),
-    (env(CNI_IFNAME=""), 7, "CNI_IFNAME"),
-    (env(CNI_NETNS=None), 7, "CNI_NETNS"),
-    (env(CNI_NETNS="relative"), 7, "absolute"),
-    (env(CNI_ARGS="K8S_POD_NAME=web"), 7, "K8S_POD_NAMESPACE"),
-    (env(CNI_ARGS="garbage"), 7, "CNI_ARGS is malformed"),
-])
-def test_bad_environment(environ, code, message):
-    with pytest.raises(CniError) as err:
-        parse_environment(environ)
-    assert err.value.code == code and message in err.value.msg + err.value.details
+class Lab:
+    """Paths, a state file and a way to run the plugin, under one tmp_path."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.sock = str(tmp_path / "agent.sock")
+        self.state = tmp_path / "state.json"
+        self.agents: list[FakeAgent] = []
+
+    def write_state(self, ns_labels=None, pod_labels=None, uid="u1", pod=True, ns=True) -> None:
+        items = []
+        if ns:
+            items.append({"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": "mesh", "labels": ns_labels or {}}})
+        if pod:
+            items.append({"apiVersion": "v1", "kind": "Pod",
+                          "metadata": {"name": "web", "namespace": "mesh", "uid": uid, "labels": pod_labels or {}},
+                          "spec": {"nodeName": "node1", "serviceAccountName": "default"},
+                          "status": {"phase": "Pending"}})
+        self.state.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                          "metadata": {"resourceVersion": "1"}, "items": items}))
+
+    def config(self, prev=PREV_100, version="1.0.0", **fields) -> bytes:
+        c = {"cniVersion": version, "name": "ambient-lab", "type": "ambient-cni",
+             "agent_socket": self.sock, "state": f"file:{self.state}", "exclude_namespaces": ["kube-system"]}
+        if prev is not None:
+            c["prevResult"] = prev
+        c.update(fields)
+        return json.dumps(c).encode()
+
+    @staticmethod
+    def env(command="ADD", **extra) -> dict:
+        e = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/p1",
+             "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin", "CNI_ARGS": POD_ARGS}
+        e.update(extra)
+        return {k: v for k, v in e.items() if v is not None}
+
+    def run(self, stdin: bytes, environ: dict, command: list[str] | None = None) -> Result:
+        # Like a runtime: a minimal environment, and a working directory that
+        # is not the source tree (the installed plugin must find its modules).
+        start = time.monotonic()
+        done = subprocess.run(command or plugin_command(), input=stdin, capture_output=True, timeout=30,
+                              env={**environ, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}, cwd=self.dir)
+        return Result(done, time.monotonic() - start)
+
+    def add(self, **fields) -> Result:
+        return self.run(self.config(**fields), self.env())
+
+    def agent(self, reply=ENROLLED, **kwargs) -> FakeAgent:
+        agent = FakeAgent(self.sock, reply, **kwargs)
+        self.agents.append(agent)
+        return agent
 
 
-def test_del_needs_no_netns_and_version_needs_nothing():
-    assert parse_environment(env("DEL", CNI_NETNS=None)).netns == ""
-    assert parse_environment({"CNI_COMMAND": "VERSION"}).command == "VERSION"
+class FakeAgent:
+    """Answers one JSON line per connection like the node agent; records requests.
 
+    ``reply`` is a dict or a function of the request; ``raw`` bytes are sent
+    instead when given; ``answer=False`` reads the request and then holds the
+    connection open without a word (a hung agent).
+    """
 
-@pytest.mark.parametrize("data, command, code, message", [
-    (b"{not json", "ADD", 6, "not valid JSON"),
-    (b"[]", "ADD", 6, "JSON object"),
-    (config(version="0.2.0"), "ADD", 1, "unsupported cniVersion"),
-    (config(sock=None), "ADD", 4, "agent_socket"),
-    (config(sock="relative.sock"), "ADD", 4, "absolute path"),
-    (config(state="kube"), "ADD", 4, "file:PATH"),
-    (config(prev=None), "ADD", 4, "chained plugin"),
-    (config(exclude_namespaces="kube-system"), "ADD", 4, "exclude_namespaces"),
-    (config(agent_timeout_seconds=0), "ADD", 4, "agent_timeout_seconds"),
-    (config(agent_timeout_seconds=True), "ADD", 4, "agent_timeout_seconds"),
-    (config(prev=[1]), "ADD", 4, "prevResult must be an object"),
-])
-def test_bad_config(data, command, code, message):
-    with pytest.raises(CniError) as err:
-        parse_config(data, command)
-    assert err.value.code == code and message in err.value.msg
-
-
-def test_del_accepts_a_config_without_prev_result():
-    assert parse_config(config(prev=None), "DEL").prev_result is None
-
-
-@pytest.mark.parametrize("prev, ips, gateways", [
-    (PREV_100, ["198.18.0.5/24"], ["198.18.0.1"]),
-    (PREV_031, ["198.18.0.6/24"], ["198.18.0.1"]),
-    ({"cniVersion": "0.4.0", "ips": [{"version": "4", "address": "198.18.0.7/24"},
-                                      {"version": "6", "address": "fd00:198:18::7/64", "gateway": "fd00:198:18::1"}]},
-     ["198.18.0.7/24", "fd00:198:18::7/64"], ["fd00:198:18::1"]),
-    ({"cniVersion": "1.0.0"}, [], []),
-])
-def test_prev_result_addresses(prev, ips, gateways):
-    assert result_addresses(prev) == (ips, gateways)
-
-
-# --- the real plugin process ----------------------------------------------------
-
-class StandInAgent:
-    """A Unix-socket server answering like the node agent, recording requests."""
-
-    def __init__(self, path: str, reply=None, delay: float = 0.0) -> None:
-        self.path = path
-        self.reply = reply or (lambda req: {"ok": True, "enrolled": True, "reason": "test"})
-        self.delay = delay
-        self.requests: list[dict] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(8)
+    def __init__(self, path: str, reply=ENROLLED, raw: bytes | None = None, answer: bool = True) -> None:
+        self.reply = reply if callable(reply) else (lambda req: reply)
+        self.raw = raw
+        self.answer = answer
+        self.requests: list = []
+        self.held: list[socket.socket] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(16)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def _serve(self):
+    def _serve(self) -> None:
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = self.listener.accept()
             except OSError:
-                return
-            with conn:
-                data = conn.makefile("rb").readline()
-                req = json.loads(data)
-                self.requests.append(req)
-                time.sleep(self.delay)
-                try:
-                    conn.sendall(json.dumps(self.reply(req)).encode() + b"\n")
-                except BrokenPipeError:
-                    pass   # the plugin gave up waiting, as it should for a hung agent
+                return                          # closed by close()
+            line = conn.makefile("rb").readline()
+            try:
+                request = json.loads(line)
+            except ValueError:
+                request = line
+            self.requests.append(request)
+            if not self.answer:
+                self.held.append(conn)
+                continue
+            try:
+                conn.sendall(self.raw if self.raw is not None else json.dumps(self.reply(request)).encode() + b"\n")
+            except OSError:
+                pass                            # the plugin gave up waiting
+            conn.close()
 
-    def close(self):
-        self.sock.close()
-
-
-def write_state(path: Path, ns_labels: dict) -> None:
-    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-        {"kind": "Namespace", "metadata": {"name": "mesh", "labels": ns_labels}},
-        {"kind": "Pod", "metadata": {"name": "web", "namespace": "mesh", "uid": "u1"}, "spec": {"nodeName": "n1"}},
-    ]}))
-
-
-def run_plugin(stdin: bytes, environ: dict) -> tuple[int, dict | None, float]:
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "cni.plugin"], input=stdin, capture_output=True,
-                          env={**environ, "PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).parents[2])},
-                          timeout=30)
-    elapsed = time.monotonic() - start
-    out = json.loads(done.stdout) if done.stdout.strip() else None
-    return done.returncode, out, elapsed
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept()
+        self.listener.close()
+        self.thread.join(5)
+        for conn in self.held:
+            conn.close()
 
 
 @pytest.fixture
-def setup(tmp_path):
-    sock = str(tmp_path / "agent.sock")
-    state = tmp_path / "state.json"
-    return sock, state
-
-
-def test_add_enrolled_pod_asks_the_agent_and_returns_prev_result_unchanged(setup):
-    sock, state = setup
-    write_state(state, {"istio.io/dataplane-mode": "ambient"})
-    agent = StandInAgent(sock)
-    try:
-        code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env())
-    finally:
+def lab(tmp_path):
+    lab = Lab(tmp_path)
+    yield lab
+    for agent in lab.agents:
         agent.close()
-    assert code == 0
-    assert out == PREV_100
-    [req] = agent.requests
-    assert req == {"op": "cni-add", "namespace": "mesh", "name": "web", "uid": "u1", "container_id": "c1",
-                   "netns": "/run/netns/x", "interface": "eth0", "ips": ["198.18.0.5/24"],
-                   "gateways": ["198.18.0.1"]}
 
 
-def test_add_result_is_in_the_configs_version(setup):
-    sock, state = setup
-    write_state(state, {})
-    code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}", prev=PREV_031, version="0.3.1"), env())
-    assert code == 0 and out["cniVersion"] == "0.3.1" and out["ips"] == PREV_031["ips"]
+# -- ADD ------------------------------------------------------------------------------
+
+def test_add_enrolled_pod_asks_the_agent_and_returns_prev_result_unchanged(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    agent = lab.agent()
+    result = lab.add()
+    assert result.code == 0, result
+    assert result.out == PREV_100
+    assert result.stderr == ""
+    assert agent.requests == [{"op": "cni-add", "namespace": "mesh", "name": "web", "uid": "u1",
+                               "container_id": "c1", "netns": "/run/netns/p1", "interface": "eth0",
+                               "ips": ["198.18.0.5/24"], "gateways": ["198.18.0.1"]}]
 
 
-def test_pod_outside_the_mesh_never_waits_on_a_missing_agent(setup):
-    sock, state = setup
-    write_state(state, {})
-    code, out, elapsed = run_plugin(config(sock=sock, state=f"file:{state}"), env())
-    assert code == 0 and out == PREV_100
-    assert elapsed < 2.0
+def test_add_pod_labelled_ambient_in_an_unlabelled_namespace_is_enrolled(lab):
+    lab.write_state(pod_labels=AMBIENT)
+    lab.agent(reply={"ok": False, "error": "capture failed: netns /run/netns/p1 gone"})
+    result = lab.add()
+    # It must be enrolled, so the agent's refusal fails the ADD.
+    assert result.code == 1 and result.out["code"] == 11, result
 
 
-def test_pod_outside_the_mesh_does_not_wait_on_a_hung_agent(setup):
-    sock, state = setup
-    write_state(state, {})
-    agent = StandInAgent(sock, delay=3.0)
+def test_add_result_is_in_the_configs_version(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    agent = lab.agent()
+    result = lab.add(version="0.3.1", prev=PREV_031)
+    assert result.code == 0 and result.out == PREV_031
+    assert agent.requests[0]["ips"] == ["198.18.0.6/24"]
+
+
+def test_add_outside_the_mesh_with_no_agent_at_all_succeeds_quickly(lab):
+    lab.write_state()
+    result = lab.add()
+    assert result.code == 0 and result.out == PREV_100, result
+    assert result.elapsed < 1.0
+    assert result.stderr == ""                           # not an error: nothing on stderr
+
+
+def test_add_outside_the_mesh_still_informs_a_live_agent(lab):
+    lab.write_state()
+    agent = lab.agent(reply={"ok": True, "enrolled": False, "reason": "not labelled"})
+    result = lab.add()
+    assert result.code == 0 and result.out == PREV_100
+    assert [r["op"] for r in agent.requests] == ["cni-add"]
+
+
+def test_add_outside_the_mesh_does_not_wait_on_a_hung_agent(lab):
+    lab.write_state()
+    agent = lab.agent(answer=False)
+    result = lab.add()
+    assert result.code == 0 and result.out == PREV_100, result
+    assert result.elapsed < 1.0                          # 200 ms budget plus interpreter start
+    assert len(agent.requests) == 1                      # it did try
+
+
+def test_add_outside_the_mesh_ignores_an_agent_refusal(lab):
+    lab.write_state(ns_labels={"istio.io/dataplane-mode": "none"})
+    lab.agent(reply={"ok": False, "error": "pod unknown"})
+    result = lab.add()
+    assert result.code == 0 and result.out == PREV_100
+
+
+def test_add_in_an_excluded_namespace_is_not_enrolled(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    result = lab.run(lab.config(exclude_namespaces=["mesh"]), lab.env())
+    assert result.code == 0 and result.out == PREV_100
+
+
+def test_add_enrolled_pod_with_the_agent_down_is_try_again_later(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    result = lab.run(lab.config(version="0.4.0", prev={**PREV_100, "cniVersion": "0.4.0"}), lab.env())
+    assert result.code == 1, result
+    assert result.out == {"cniVersion": "0.4.0", "code": 11, "msg": "ambient node agent unreachable",
+                          "details": f"connect {lab.sock}: No such file or directory"}
+    assert "ambient node agent unreachable" in result.stderr
+
+
+def test_add_enrolled_pod_with_a_stale_socket_is_try_again_later(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(lab.sock)                                 # the file exists, nobody listens
+    stale.close()
+    result = lab.add()
+    assert result.code == 1 and result.out["code"] == 11
+    assert result.out["details"] == f"connect {lab.sock}: Connection refused"
+
+
+def test_add_enrolled_pod_with_a_hung_agent_times_out(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(answer=False)
+    result = lab.add(agent_timeout_seconds=0.5)
+    assert result.code == 1 and result.out["code"] == 11, result
+    assert result.out["details"] == f"no answer from {lab.sock} within 0.5 s"
+    assert 0.5 <= result.elapsed < 3.0
+
+
+def test_agent_refusal_is_try_again_later_with_its_message(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(reply={"ok": False, "error": "capture failed: no such netns /run/netns/p1"})
+    result = lab.add()
+    assert result.code == 1
+    assert result.out == {"cniVersion": "1.0.0", "code": 11, "msg": "ambient node agent did not enrol the pod",
+                          "details": "capture failed: no such netns /run/netns/p1"}
+
+
+@pytest.mark.parametrize("raw, details", [
+    (b"not json\n", "answered with something other than a JSON object: b'not json'"),
+    (b"[1, 2]\n", "answered with something other than a JSON object"),
+    (b"", "closed the connection without answering"),
+])
+def test_agent_garbage_is_try_again_later(lab, raw, details):
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(raw=raw)
+    result = lab.add()
+    assert result.code == 1 and result.out["code"] == 11
+    assert result.out["msg"] == "ambient node agent unreachable" and details in result.out["details"]
+
+
+def test_agent_that_enrolls_nothing_does_not_fail_the_pod(lab):
+    # The agent is the authority (it may have seen a newer state).
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(reply={"ok": True, "enrolled": False, "reason": "label removed"})
+    assert lab.add().code == 0
+
+
+def test_enrolled_pod_without_an_address_is_an_invalid_config(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    agent = lab.agent()
+    result = lab.add(prev={"cniVersion": "1.0.0", "interfaces": [], "ips": []})
+    assert result.code == 1 and result.out["code"] == 7
+    assert "no pod address" in result.out["msg"]
+    assert agent.requests == []
+
+
+def test_pod_missing_from_the_state_in_an_ambient_namespace_waits(lab):
+    lab.write_state(ns_labels=AMBIENT, pod=False)
+    agent = lab.agent()
+    result = lab.add()
+    assert result.code == 1 and result.out["code"] == 11
+    assert result.out["msg"] == "pod mesh/web not yet known"
+    assert "namespace mesh labelled istio.io/dataplane-mode=ambient" in result.out["details"]
+    assert agent.requests == []
+
+
+def test_an_older_pod_of_the_same_name_counts_as_missing(lab):
+    lab.write_state(ns_labels=AMBIENT, uid="u0-previous-incarnation")
+    result = lab.add()
+    assert result.code == 1 and result.out["msg"] == "pod mesh/web not yet known"
+
+
+@pytest.mark.parametrize("ns", [True, False], ids=["unlabelled namespace", "unknown namespace"])
+def test_pod_missing_from_the_state_elsewhere_is_not_enrolled(lab, ns):
+    lab.write_state(pod=False, ns=ns)
+    result = lab.add()
+    assert result.code == 0 and result.out == PREV_100
+
+
+def test_unreadable_state_is_try_again_later(lab):
+    result = lab.add()                                   # no state file written
+    assert result.code == 1 and result.out["code"] == 11
+    assert result.out["msg"] == "cluster state unreadable"
+    assert result.out["details"] == f"{lab.state}: No such file or directory"
+    lab.state.write_text("{ half written")
+    result = lab.add()
+    assert result.out["code"] == 11 and "neither JSON" in result.out["details"]
+
+
+def test_yaml_state_is_read_through_the_model(lab):
+    lab.state.write_text("kind: Namespace\nmetadata:\n  name: mesh\n  labels: {istio.io/dataplane-mode: ambient}\n"
+                         "---\nkind: Pod\nmetadata: {name: web, namespace: mesh, uid: u1}\n")
+    agent = lab.agent()
+    result = lab.add()
+    assert result.code == 0, result
+    assert [r["op"] for r in agent.requests] == ["cni-add"]
+
+
+# -- errors before any decision ----------------------------------------------------------
+
+@pytest.mark.parametrize("stdin", [b"\x00garbage", b"", b"{\"cniVersion\": "])
+def test_garbage_stdin_is_code_6(lab, stdin):
+    result = lab.run(stdin, lab.env())
+    assert result.code == 1 and result.out["code"] == 6 and result.out["cniVersion"] == "1.0.0", result
+
+
+@pytest.mark.parametrize("missing", ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS"])
+def test_missing_environment_is_code_4_naming_the_variable(lab, missing):
+    lab.write_state(ns_labels=AMBIENT)
+    result = lab.run(lab.config(), {**lab.env(), missing: ""})
+    assert result.code == 1 and result.out["code"] == 4
+    assert missing in result.out["msg"]
+
+
+def test_unsupported_version_is_code_1(lab):
+    result = lab.run(lab.config(version="0.2.0"), lab.env())
+    assert result.code == 1 and result.out["code"] == 1 and "0.2.0" in result.out["msg"]
+
+
+def test_chained_only(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    result = lab.run(lab.config(prev=None), lab.env())
+    assert result.code == 1 and result.out["code"] == 7 and "chained" in result.out["msg"]
+
+
+# -- DEL -----------------------------------------------------------------------------------
+
+def test_del_with_the_agent_down_succeeds(lab):
+    result = lab.run(lab.config(prev=None), lab.env("DEL", CNI_NETNS=None))
+    assert (result.code, result.stdout) == (0, "")
+    assert "agent not informed (DEL succeeds anyway)" in result.stderr
+
+
+def test_del_informs_a_live_agent(lab):
+    agent = lab.agent(reply={"ok": True})
+    result = lab.run(lab.config(), lab.env("DEL"))
+    assert (result.code, result.stdout, result.stderr) == (0, "", "")
+    assert agent.requests == [{"op": "cni-del", "namespace": "mesh", "name": "web", "uid": "u1",
+                               "container_id": "c1"}]
+
+
+def test_del_without_pod_identity_succeeds_without_asking(lab):
+    agent = lab.agent(reply={"ok": True})
+    result = lab.run(lab.config(prev=None), lab.env("DEL", CNI_ARGS=None, CNI_NETNS=None))
+    assert (result.code, result.stdout) == (0, "")
+    assert agent.requests == []
+
+
+def test_del_succeeds_when_the_agent_refuses(lab):
+    lab.agent(reply={"ok": False, "error": "boom"})
+    result = lab.run(lab.config(), lab.env("DEL"))
+    assert (result.code, result.stdout) == (0, "") and "boom" in result.stderr
+
+
+# -- VERSION -------------------------------------------------------------------------------
+
+def test_version(lab):
+    result = lab.run(b"", {"CNI_COMMAND": "VERSION"})
+    assert result.code == 0
+    assert result.out == {"cniVersion": "1.0.0", "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
+
+
+def test_version_does_not_wait_for_stdin(lab):
+    # Run by hand from a terminal, VERSION must not block reading stdin.
+    proc = subprocess.Popen(plugin_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={"CNI_COMMAND": "VERSION", "PATH": os.environ.get("PATH", "")})
     try:
-        code, out, elapsed = run_plugin(config(sock=sock, state=f"file:{state}"), env())
+        assert proc.wait(timeout=10) == 0
+        assert json.loads(proc.stdout.read())["cniVersion"] == "1.0.0"
     finally:
-        agent.close()
-    assert code == 0 and out == PREV_100
-    assert elapsed < 2.5      # bounded by the 200 ms budget plus interpreter start
+        proc.kill()
+        proc.stdin.close()
+        proc.stdout.close()
 
 
-def test_enrolled_pod_with_agent_down_fails_with_try_again_later(setup):
-    sock, state = setup
-    write_state(state, {"istio.io/dataplane-mode": "ambient"})
-    code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env())
-    assert code == 1
-    assert out["code"] == 11 and out["msg"] == "ambient node agent unreachable"
-    assert sock in out["details"] and out["cniVersion"] == "1.0.0"
+def test_module_entry_point(lab):
+    result = lab.run(b"", {"CNI_COMMAND": "VERSION"}, command=[sys.executable, "-m", "cni.plugin"])
+    assert result.code == 0 and result.out["supportedVersions"][-1] == "1.0.0"
 
 
-def test_agent_refusal_is_passed_on(setup):
-    sock, state = setup
-    write_state(state, {"istio.io/dataplane-mode": "ambient"})
-    agent = StandInAgent(sock, reply=lambda req: {"ok": False, "error": "capture failed: no such netns"})
-    try:
-        code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env())
-    finally:
-        agent.close()
-    assert code == 1 and out["code"] == 11 and "no such netns" in out["details"]
+# -- CHECK ---------------------------------------------------------------------------------
+
+def status(*pods):
+    return {"ok": True, "node": "node1", "pods": list(pods)}
 
 
-def test_pod_missing_from_state_in_an_ambient_namespace_waits(setup):
-    sock, state = setup
-    state.write_text(json.dumps({"kind": "List", "items": [
-        {"kind": "Namespace", "metadata": {"name": "mesh", "labels": {"istio.io/dataplane-mode": "ambient"}}}]}))
-    code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env())
-    assert code == 1 and out["code"] == 11 and "not yet in the cluster state" in out["msg"]
+def test_check_enrolled_pod_listed_enrolled(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    agent = lab.agent(reply=status({"namespace": "mesh", "name": "web", "uid": "u1", "enrolled": True}))
+    result = lab.run(lab.config(), lab.env("CHECK"))
+    assert (result.code, result.stdout) == (0, ""), result
+    assert agent.requests == [{"op": "status"}]
 
 
-def test_garbage_and_missing_environment_are_specific_errors(setup):
-    sock, state = setup
-    code, out, _ = run_plugin(b"\x00garbage", env())
-    assert code == 1 and out["code"] == 6
-    code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env(CNI_CONTAINERID=None))
-    assert code == 1 and out["code"] == 7 and "CNI_CONTAINERID" in out["msg"]
+def test_check_matches_by_name_when_the_agent_has_no_uid(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(reply=status({"namespace": "mesh", "name": "web", "enrolled": True}))
+    assert lab.run(lab.config(), lab.env("CHECK")).code == 0
 
 
-def test_del_succeeds_with_the_agent_down_and_informs_it_when_up(setup):
-    sock, state = setup
-    code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}", prev=None), env("DEL", CNI_NETNS=None))
-    assert (code, out) == (0, None)
-    agent = StandInAgent(sock, reply=lambda req: {"ok": True})
-    try:
-        code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env("DEL"))
-    finally:
-        agent.close()
-    assert (code, out) == (0, None)
-    assert agent.requests == [{"op": "cni-del", "namespace": "mesh", "name": "web", "uid": "u1", "container_id": "c1"}]
+@pytest.mark.parametrize("pods, msg", [
+    ([{"namespace": "mesh", "name": "web", "uid": "u1", "enrolled": False, "reason": "capture failed"}],
+     "pod mesh/web must be in the mesh but is not captured"),
+    ([], "pod mesh/web must be in the mesh but the agent does not know it"),
+    # The same name with another uid is an older pod, not this one.
+    ([{"namespace": "mesh", "name": "web", "uid": "u0", "enrolled": True}],
+     "pod mesh/web must be in the mesh but the agent does not know it"),
+])
+def test_check_enrolled_pod_not_captured_is_code_100(lab, pods, msg):
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(reply=status(*pods))
+    result = lab.run(lab.config(), lab.env("CHECK"))
+    assert result.code == 1 and result.out["code"] == 100 and result.out["msg"] == msg, result
 
 
-def test_version_and_check(setup):
-    sock, state = setup
-    code, out, _ = run_plugin(b"", {"CNI_COMMAND": "VERSION"})
-    assert code == 0 and "1.0.0" in out["supportedVersions"] and "0.3.1" in out["supportedVersions"]
-    write_state(state, {"istio.io/dataplane-mode": "ambient"})
-    enrolled = {"ok": True, "pods": [{"namespace": "mesh", "name": "web", "enrolled": True}]}
-    agent = StandInAgent(sock, reply=lambda req: enrolled)
-    try:
-        code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env("CHECK"))
-        assert (code, out) == (0, None)
-        enrolled["pods"][0]["enrolled"] = False
-        code, out, _ = run_plugin(config(sock=sock, state=f"file:{state}"), env("CHECK"))
-        assert code == 1 and out["code"] == 100
-    finally:
-        agent.close()
+def test_check_with_the_agent_down_is_try_again_later(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    result = lab.run(lab.config(), lab.env("CHECK"))
+    assert result.code == 1 and result.out["code"] == 11
+
+
+def test_check_pod_outside_the_mesh_succeeds_without_the_agent(lab):
+    lab.write_state()
+    result = lab.run(lab.config(), lab.env("CHECK"))
+    assert (result.code, result.stdout) == (0, "")
+
+
+# -- logging -------------------------------------------------------------------------------
+
+def test_log_file_records_every_call_and_stderr_stays_quiet(lab):
+    log = lab.dir / "cni.log"
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent()
+    assert lab.add(log_file=str(log)).code == 0
+    result = lab.run(lab.config(log_file=str(log)), lab.env("DEL"))
+    assert result.code == 0 and result.stderr == ""
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2
+    assert "ADD mesh/web c1: enrolled: namespace mesh labelled istio.io/dataplane-mode=ambient" in lines[0]
+    assert "DEL mesh/web c1: agent informed" in lines[1]
+
+
+def test_an_unwritable_log_file_does_not_fail_the_plugin(lab):
+    lab.write_state()
+    result = lab.add(log_file=str(lab.dir / "no-such-dir" / "cni.log"))
+    assert result.code == 0 and result.out == PREV_100
+    assert "cannot write log" in result.stderr
