@@ -54,17 +54,23 @@ def main() -> int:
         step(f"creating lab {lab.name}: 2 nodes, their agents, 3 pods through bridge + host-local + ambient-cni")
         lab.up(MANIFEST)
         for pod in lab.status()["pods"]:
-            print(f"    {pod}")
+            print(f"    {pod['namespace']}/{pod['name']:<6} node={pod['node']} ip={pod['ip']} "
+                  f"enrolled={pod['enrolled']} ({pod['reason']})")
         api_ip = lab.pod_ip("backend/api")
 
         step("starting a server in backend/api (port 8080)")
         server = lab.exec("backend/api", [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
         server.stdout.readline()
 
-        step("frontend/web (meshed) -> backend/api: captured by both agents")
+        step("frontend/web (meshed) -> backend/api: captured by both agents, carried over HBONE (mTLS)")
         print("    " + lab.run("frontend/web", [sys.executable, "-c", CLIENT, api_ip]).stdout.strip())
         show_counters(lab, "node1", "frontend/web")
         show_counters(lab, "node2", "backend/api")
+        for p in lab.agent_request("node1", {"op": "status"})["pods"]:
+            for rec in p["connections"][-1:]:
+                print(f"    node1 record: {rec['protocol']} {rec['source']} ({rec['source_identity']}) -> "
+                      f"{rec['destination']} ({rec['destination_identity']}), {rec['bytes_sent']}B sent, "
+                      f"{rec['bytes_received']}B received, {rec['outcome']}")
 
         step("legacy/old (outside the mesh) -> backend/api: only the destination captures it")
         print("    " + lab.run("legacy/old", [sys.executable, "-c", CLIENT, api_ip]).stdout.strip())
