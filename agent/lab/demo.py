@@ -44,7 +44,8 @@ def show_counters(lab: Lab, node: str, pod: str) -> None:
             c = p["counters"]
             print(f"    {node} agent, {pod}: enrolled={p['enrolled']} "
                   f"outbound={c['outbound']['connections']} conns/{c['outbound']['bytes_sent']}B sent, "
-                  f"inbound={c['inbound']['connections']} conns/{c['inbound']['bytes_received']}B received")
+                  f"inbound={c['inbound']['connections']} conns/{c['inbound']['bytes_received']}B received, "
+                  f"hbone={c['hbone']['connections']} mTLS conns/{c['hbone']['bytes_received']}B received")
 
 
 def main() -> int:
