@@ -174,6 +174,10 @@ class H2Connection(asyncio.Protocol):
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS_PER_CONNECTION,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
+        # h2 sized its inbound frame check from the default settings when it
+        # was built; replacing local_settings does not update it, and the
+        # peer may send 1 MiB frames as soon as it has read our SETTINGS.
+        self.h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self.client_side = client_side
         self.on_request = on_request
         self.name = name
