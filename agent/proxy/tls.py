@@ -5,14 +5,19 @@ PEM is written to a private (0700) temporary directory, loaded, and removed
 at once: keys exist on disk for the duration of one call, in /run when the
 agent's run directory is there (tmpfs).
 
-TLS 1.3 cipher suites cannot be restricted from Python's ``ssl`` module;
-OpenSSL's default TLS 1.3 order puts AES-256-GCM and AES-128-GCM first and
-both sides here are OpenSSL, so AES-GCM is what is negotiated (a test pins
-this), but a peer that offers only ChaCha20-Poly1305 would be accepted.
+HBONE uses the TLS 1.3 AES-GCM suites only. Python's ``ssl`` module has no
+call for TLS 1.3 cipher suites (``set_ciphers`` covers TLS 1.2 and older),
+so ``restrict_ciphersuites`` calls OpenSSL's ``SSL_CTX_set_ciphersuites`` on
+the context through ctypes, using the very libssl ``_ssl`` is linked with.
+It first proves it holds the right ``SSL_CTX`` (its options must equal
+``ctx.options``) and refuses to build a context otherwise: no HBONE is
+better than HBONE with suites we did not choose.
 """
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 import os
 import ssl
 import tempfile
@@ -21,6 +26,24 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
 ALPN = ["h2"]
+AES_GCM_SUITES = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
+
+_libssl = ctypes.CDLL(_ssl.__file__)       # dlsym searches _ssl's own libssl
+_libssl.SSL_CTX_get_options.restype = ctypes.c_uint64
+_libssl.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+_libssl.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
+_libssl.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+
+def restrict_ciphersuites(ctx: ssl.SSLContext, suites: str = AES_GCM_SUITES) -> None:
+    """Limit the TLS 1.3 cipher suites of ``ctx`` (see the module docstring)."""
+    # CPython's PySSLContext starts with the SSL_CTX pointer, right after
+    # the object header.
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr or _libssl.SSL_CTX_get_options(ptr) != ctx.options:
+        raise ssl.SSLError("cannot reach this Python's SSL_CTX to restrict TLS 1.3 cipher suites")
+    if _libssl.SSL_CTX_set_ciphersuites(ptr, suites.encode()) != 1:
+        raise ssl.SSLError(f"OpenSSL refused the TLS 1.3 cipher suites {suites}")
 
 
 class PeerIdentityError(ssl.SSLError):
@@ -50,6 +73,7 @@ def make_context(server_side: bool, chain_pem: bytes, key_pem: bytes, bundle_pem
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=bundle_pem.decode())
     ctx.set_alpn_protocols(ALPN)
+    restrict_ciphersuites(ctx)
     _load_chain(ctx, chain_pem, key_pem, tmp_root)
     return ctx
 

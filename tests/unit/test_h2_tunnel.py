@@ -144,3 +144,52 @@ def test_the_pool_opens_a_second_connection_past_100_streams(tmp_path):
         await pool.close()
         server.close()
     asyncio.run(main())
+
+
+def test_only_aes_gcm_suites_are_offered_and_accepted(tmp_path):
+    import ssl
+    from agent.proxy.tls import restrict_ciphersuites
+    sctx, cctx, _, _ = contexts(tmp_path)
+    for ctx in (sctx, cctx):
+        suites = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3"}
+        assert suites == {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"}
+
+    def handshake(server_ctx, client_ctx):
+        lst = socket.socket()
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        import threading
+        result = {}
+
+        def serve():
+            conn, _ = lst.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    result["server"] = tls.cipher()[0]
+            except (ssl.SSLError, OSError) as exc:
+                result["server"] = f"refused: {exc}"
+        t = threading.Thread(target=serve)
+        t.start()
+        c = socket.create_connection(lst.getsockname())
+        try:
+            with client_ctx.wrap_socket(c) as tls:
+                tls.recv(0)
+                cipher = tls.cipher()[0]
+        except (ssl.SSLError, OSError) as exc:
+            cipher = f"refused: {exc}"
+        t.join(5)
+        lst.close()
+        return cipher, result.get("server")
+
+    assert handshake(sctx, cctx)[0] == "TLS_AES_256_GCM_SHA384"
+    # A client that offers only ChaCha20-Poly1305 gets no handshake.
+    pki = TestPKI(tmp_path / "chacha")
+    files = pki.issue("frontend", "web")
+    chacha = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    chacha.minimum_version = ssl.TLSVersion.TLSv1_3
+    chacha.check_hostname = False
+    chacha.verify_mode = ssl.CERT_NONE
+    chacha.load_cert_chain(files.chain_path, files.key_path)
+    restrict_ciphersuites(chacha, "TLS_CHACHA20_POLY1305_SHA256")
+    client, server = handshake(sctx, chacha)
+    assert client.startswith("refused") and server.startswith("refused"), (client, server)
