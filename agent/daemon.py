@@ -278,7 +278,8 @@ class NodeAgent:
                 "capture": self.datapath.stats(),
                 "hbone_pool": {"connections": self.plane.pool.connections(),
                                "opened": self.plane.pool.connections_opened},
-                "certificates": self.identities.status() if self.identities else []}
+                "certificates": self.identities.status() if self.identities else [],
+                "trust_bundle": self.identities.bundle_status() if self.identities else None}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -65,6 +65,15 @@ class NodeIdentities:
     def status(self) -> list[dict]:
         return self.manager.held()
 
+    def bundle_status(self) -> dict:
+        """The trust bundle in force: version and root subjects (never keys)."""
+        if not self.bundle.version:
+            return {"path": self.bundle.path, "version": 0, "roots": []}
+        return {"path": self.bundle.path, "version": self.bundle.version,
+                "roots": [{"subject": c.subject.rfc4514_string(),
+                           "not_after": c.not_valid_after_utc.isoformat()}
+                          for c in self.bundle.certificates()]}
+
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()

@@ -294,6 +294,8 @@ spec: {nodeName: node1, serviceAccountName: late}
     certs = {c["identity"]: c for c in lab.agent_request("node1", {"op": "status"})["certificates"]}
     assert certs["spiffe://cluster.local/ns/mesh/sa/late"]["state"] == "valid"
     assert certs["spiffe://cluster.local/ns/mesh/sa/late"]["failures"] == 0
+    bundle = lab.agent_request("node1", {"op": "status"})["trust_bundle"]
+    assert bundle["version"] == 1 and bundle["roots"][0]["subject"] == "O=cluster.local"
 
 
 def test_sigterm_drains_open_connections_and_refuses_new_ones(lab, servers):
