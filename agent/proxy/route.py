@@ -2,9 +2,11 @@
 
 * A meshed pod's address: HBONE to that pod's port 15008, expecting its
   identity.
-* A Service's cluster IP: one ready endpoint (a Running pod matching the
-  selector, with an address), the service port mapped to the target port;
-  then as above, meshed or not.
+* A Service's cluster IP: one ready endpoint, the service port mapped to the
+  endpoint's port; then as above, meshed or not. The endpoints come from
+  the Service's EndpointSlices when it has any (what a real cluster
+  provides, and all kube-proxy looks at); otherwise from the Pods its
+  selector matches (Running, with an address), for states without slices.
 * Anything else: passthrough, plain TCP to the original destination.
 """
 
@@ -13,8 +15,13 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from agent.enrol.rule import decide
+from agent.enrol.rule import DEFAULT_NAMESPACE, decide
 from agent.state.model import ClusterState, pod_ips
+
+# The label the EndpointSlice controller (and any other manager) puts on a
+# slice to say which Service it belongs to.
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+_DISCOVERY_GROUP = "discovery.k8s.io"
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,159 @@ def _ready(pod: dict) -> bool:
     return status.get("phase") == "Running" and bool(pod_ips(pod))
 
 
+def _is_tcp(port: dict) -> bool:
+    # Both Service and EndpointSlice ports default their protocol to TCP.
+    return (port.get("protocol") or "TCP") == "TCP"
+
+
+def _pick(candidates: list, salt: int):
+    # Spread connections over endpoints; the salt varies per connection.
+    return candidates[zlib.crc32(f"{salt}".encode()) % len(candidates)]
+
+
+# -- endpoints from EndpointSlices ---------------------------------------------
+
+# Slices come straight from a state file or the API: a field of the wrong
+# type must read as absent, never raise in the middle of a connection.
+
+def _dicts(value) -> list[dict]:
+    """The mappings in ``value`` when it is a list, else none."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _strings(value) -> list[str]:
+    """The non-empty strings in ``value`` when it is a list, else none."""
+    return [v for v in value if isinstance(v, str) and v] if isinstance(value, list) else []
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _service_slices(state: ClusterState, ns: str, name: str) -> list[dict]:
+    """The EndpointSlices of Service ``ns/name``: same namespace, service-name label."""
+    slices = []
+    for s in state.objects_of_kind("EndpointSlice", _DISCOVERY_GROUP):
+        meta = s["metadata"]
+        # An omitted namespace means "default", as for the Service itself.
+        if ((meta.get("namespace") or DEFAULT_NAMESPACE) == ns
+                and _mapping(meta.get("labels")).get(SERVICE_NAME_LABEL) == name):
+            slices.append(s)
+    return slices
+
+
+def _slice_port(eps: dict, svc_port: dict) -> int | None:
+    """The endpoint port that serves ``svc_port`` in this slice, if any.
+
+    The controller names each slice port after the service port it serves
+    (a single-port Service may leave both unnamed), so names, not numbers,
+    tie the two together: the number is the resolved targetPort, which may
+    differ from slice to slice while a named targetPort changes in a rollout.
+    The connection being routed is TCP, so UDP and SCTP ports never serve it.
+    """
+    wanted = svc_port.get("name") or ""
+    for p in _dicts(eps.get("ports")):
+        number = p.get("port")
+        # A slice port without a number means "all ports"; only headless,
+        # port-less Services use that, and they have no cluster IP to route.
+        if ((p.get("name") or "") == wanted and _is_tcp(p)
+                and isinstance(number, int) and 0 < number < 65536):
+            return number
+    return None
+
+
+def _endpoint_ready(endpoint: dict) -> bool:
+    # The API documents an absent `ready` as true. `serving` and
+    # `terminating` are not consulted: a terminating endpoint is never
+    # `ready`, and falling back to serving-but-terminating endpoints when
+    # nothing is ready (what kube-proxy does) is not implemented yet.
+    return _mapping(endpoint.get("conditions")).get("ready") is not False
+
+
+def _endpoint_pod(state: ClusterState, endpoint: dict, address: str, ns: str) -> dict | None:
+    """The pod behind an endpoint address: its targetRef, else whoever owns the address.
+
+    The pod decides HBONE or plain TCP, and which identity to expect. A
+    targetRef is believed only while that pod still holds the address: a
+    slice can lag a pod restart, and the identity that answers is the one
+    of the pod that owns the address now. Endpoints of pods on other nodes
+    are found too (``nodeName`` is not needed: the state is cluster-wide).
+    """
+    ref = _mapping(endpoint.get("targetRef"))
+    if ref.get("kind") == "Pod" and isinstance(ref.get("name"), str):
+        pod = state.pod(ref.get("namespace") or ns, ref["name"])
+        if pod is not None and address in pod_ips(pod):
+            return pod
+    return state.pod_by_ip(address)
+
+
+def _slice_route(state: ClusterState, ns: str, slices: list[dict], ip: str, svc_port: dict,
+                 trust_domain: str, salt: int, service: str) -> Route:
+    # kube-proxy programs each family from the slices of that family: an
+    # IPv6 cluster IP leads to IPv6 endpoints. FQDN slices carry names, not
+    # addresses, and never match.
+    family = "IPv6" if ":" in ip else "IPv4"
+    candidates: dict[tuple[str, int], dict] = {}
+    ready_without_port = False
+    for s in slices:
+        if s.get("addressType") != family:
+            continue
+        port = _slice_port(s, svc_port)
+        for endpoint in _dicts(s.get("endpoints")):
+            addresses = _strings(endpoint.get("addresses"))
+            if not addresses or not _endpoint_ready(endpoint):
+                continue
+            if port is None:
+                ready_without_port = True
+                continue
+            # The addresses of one endpoint are fungible, and the API lets
+            # consumers use only the first (kubernetes/kubernetes#106267).
+            # Keyed by address and port, an endpoint listed by two slices
+            # (as happens while the controller moves it) counts once.
+            candidates.setdefault((addresses[0], port), endpoint)
+    if not candidates:
+        if ready_without_port:
+            reason = (f"service {service}: no TCP endpoint port named "
+                      f"{svc_port.get('name') or '(unnamed)'!r}")
+        else:
+            reason = f"service {service} has no ready {family} endpoint"
+        return Route("no-endpoint", ip, svc_port["port"], service=service, reason=reason)
+    # Sorted, so the choice depends on the salt alone, not on slice order.
+    (address, port), endpoint = _pick(sorted(candidates.items(), key=lambda c: c[0]), salt)
+    pod = _endpoint_pod(state, endpoint, address, ns)
+    if pod is None:
+        # Not a pod we know (an external backend, a VM, a pod the state has
+        # not caught up with): it cannot speak HBONE as far as we know.
+        return Route("passthrough", address, port, service=service,
+                     reason="endpoint is not a known pod")
+    return _pod_route(state, pod, address, port, trust_domain, service)
+
+
+# -- endpoints from the selector ------------------------------------------------
+
+def _selector_route(state: ClusterState, ns: str, spec: dict, ip: str, svc_port: dict,
+                    trust_domain: str, salt: int, service: str) -> Route:
+    port = svc_port["port"]
+    selector = spec.get("selector") or {}
+    candidates = []
+    if selector:
+        for (pns, _), p in sorted(state.pods.items()):
+            labels = (p.get("metadata") or {}).get("labels") or {}
+            if pns == ns and _ready(p) and all(labels.get(k) == v for k, v in selector.items()):
+                candidates.append(p)
+    if not candidates:
+        return Route("no-endpoint", ip, port, service=service,
+                     reason=f"service {service} has no ready endpoint")
+    chosen = _pick(candidates, salt)
+    target = _target_port(svc_port, chosen)
+    if target is None:
+        return Route("no-endpoint", ip, port, service=service,
+                     reason=f"service {service}: target port {svc_port.get('targetPort')!r} not found")
+    family_v6 = ":" in ip
+    addr = next((a for a in pod_ips(chosen) if (":" in a) == family_v6), pod_ips(chosen)[0])
+    return _pod_route(state, chosen, addr, target, trust_domain, service)
+
+
 def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: int = 0) -> Route:
     pod = state.pod_by_ip(ip)
     if pod is not None and not (pod.get("spec") or {}).get("hostNetwork"):
@@ -74,27 +234,19 @@ def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: in
         vips = [spec.get("clusterIP")] + list(spec.get("clusterIPs") or [])
         if ip not in vips:
             continue
-        svc_port = next((p for p in spec.get("ports") or [] if p.get("port") == port), None)
+        service = f"{ns}/{name}"
+        # The connection is TCP: a UDP port with the same number (DNS's 53)
+        # is another service port, served by other endpoint ports.
+        svc_port = next((p for p in spec.get("ports") or []
+                         if p.get("port") == port and _is_tcp(p)), None)
         if svc_port is None:
-            return Route("no-endpoint", ip, port, service=f"{ns}/{name}",
-                         reason=f"service {ns}/{name} has no port {port}")
-        selector = spec.get("selector") or {}
-        candidates = []
-        if selector:
-            for (pns, _), p in sorted(state.pods.items()):
-                labels = (p.get("metadata") or {}).get("labels") or {}
-                if pns == ns and _ready(p) and all(labels.get(k) == v for k, v in selector.items()):
-                    candidates.append(p)
-        if not candidates:
-            return Route("no-endpoint", ip, port, service=f"{ns}/{name}",
-                         reason=f"service {ns}/{name} has no ready endpoint")
-        # Spread connections over endpoints; the salt varies per connection.
-        chosen = candidates[zlib.crc32(f"{salt}".encode()) % len(candidates)]
-        target = _target_port(svc_port, chosen)
-        if target is None:
-            return Route("no-endpoint", ip, port, service=f"{ns}/{name}",
-                         reason=f"service {ns}/{name}: target port {svc_port.get('targetPort')!r} not found")
-        family_v6 = ":" in ip
-        addr = next((a for a in pod_ips(chosen) if (":" in a) == family_v6), pod_ips(chosen)[0])
-        return _pod_route(state, chosen, addr, target, trust_domain, f"{ns}/{name}")
+            return Route("no-endpoint", ip, port, service=service,
+                         reason=f"service {service} has no TCP port {port}")
+        # Like kube-proxy: once a Service has slices they are the whole
+        # truth (they also cover selector-less Services and endpoints that
+        # are not pods); the selector is the fallback for states without.
+        slices = _service_slices(state, ns, name)
+        if slices:
+            return _slice_route(state, ns, slices, ip, svc_port, trust_domain, salt, service)
+        return _selector_route(state, ns, spec, ip, svc_port, trust_domain, salt, service)
     return Route("passthrough", ip, port, reason="destination outside the cluster")
