@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -92,6 +93,9 @@ class PodProxy:
         self._tasks: set[asyncio.Task] = set()
         self._accepting: list[asyncio.Task] = []
         self._servers: set[H2Connection] = set()
+        # Open inbound connections and what they were authorised as, so that
+        # a policy change can close those the new policy denies.
+        self._authorised: dict[asyncio.Task, InboundRequest] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -150,6 +154,30 @@ class PodProxy:
         except Exception:   # one bad connection never affects the others
             log.exception("pod %s: connection from %s failed", self.pod, peer)
             abort(conn)
+
+    # -- policy changes ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _authorised_as(self, request: InboundRequest):
+        task = asyncio.current_task()
+        self._authorised[task] = request
+        try:
+            yield
+        finally:
+            self._authorised.pop(task, None)
+
+    def revalidate(self) -> int:
+        """Close open inbound connections that the current policy denies; returns how many."""
+        closed = 0
+        for task, request in list(self._authorised.items()):
+            decision = self.plane.policy(request)
+            if not decision.allowed and not task.done():
+                log.info("pod %s: closing inbound %s:%d -> %s:%d (%s): policy now denies it: %s",
+                         self.pod, request.source_ip, request.source_port, request.destination_ip,
+                         request.destination_port, request.source_identity or "plaintext", decision.reason)
+                task.cancel()
+                closed += 1
+        return closed
 
     # -- helpers -----------------------------------------------------------
 
@@ -288,7 +316,8 @@ class PodProxy:
             self._record("inbound", "TCP", peer, (local_ip, port), started, f"refused: {decision.reason}")
             abort(conn)
             return
-        await self._plain(conn, (local_ip, port), counters, "inbound", peer, started, app_is_client=False)
+        with self._authorised_as(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None)):
+            await self._plain(conn, (local_ip, port), counters, "inbound", peer, started, app_is_client=False)
 
     # -- inbound HBONE -----------------------------------------------------
 
@@ -374,8 +403,10 @@ class PodProxy:
         stream.respond(200, [("baggage", bag)] if bag else [])
         counters.active += 1
         counted = ByteCounter()
+        request = InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port, source_id)
         try:
-            outcome = await bridge(app, stream, counted, counters, sock_is_app=True)
+            with self._authorised_as(request):
+                outcome = await bridge(app, stream, counted, counters, sock_is_app=True)
         finally:
             counters.active -= 1
         self._record("hbone", "HBONE", source, dst, started, outcome, counted, src_id=source_id,
