@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pyroute2 import IPRoute
 
+from agent import control
 from agent.lab import DEFAULT_ROOT, cnichain, model, sysops
 from agent.lab.cnichain import CNIError, Sandbox
 from agent.lab.model import ManifestError
@@ -1003,19 +1004,7 @@ class Lab:
 
     def agent_request(self, node: str, obj: dict, timeout: float = 5.0) -> dict:
         """One request on the node agent's control socket (one JSON line each way)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(self.agent_socket(node))
-            s.sendall(json.dumps(obj).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        if not buf.strip():
-            raise ValueError(f"the agent of node {node} closed the connection without an answer")
-        return json.loads(buf)
+        return control.request(self.agent_socket(node), obj, timeout)
 
     # --- status -----------------------------------------------------------------
 
