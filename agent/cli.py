@@ -20,10 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     from agent import daemon
     from agent.identity import cli as ca_cli
     from agent.lab import cli as lab_cli
+    from agent.policy import cli as policy_cli
 
     daemon.add_parser(sub)
     ca_cli.add_parser(sub)
     lab_cli.add_parser(sub)
+    policy_cli.add_parser(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from agent.enrol.records import PodRecord, RecordStore
 from agent.enrol.rule import DEFAULT_EXCLUDED
 from agent.identity.node import NodeIdentities
 from agent.netns import NetnsSwitcher
+from agent.policy.hook import make_hook, policy_set_source
 from agent.proxy.counters import ConnectionLog, PodCounters
 from agent.proxy.forward import DataPlane, PodProxy
 from agent.proxy.hbone import workload_metadata
@@ -47,6 +48,7 @@ class AgentConfig:
     ca_address: str = ""
     ca_root: str = ""
     token_file: str = ""
+    root_namespace: str = "istio-system"
 
 
 @dataclass
@@ -74,6 +76,10 @@ class NodeAgent:
                                tls=self.identities.tls if self.identities else None,
                                pool=HbonePool(connect_timeout=config.connect_timeout),
                                log=ConnectionLog(), connect_timeout=config.connect_timeout)
+        # L4 authorization: the policy set is rebuilt when the state changes,
+        # and every inbound connection is checked before the app is reached.
+        self.policies = policy_set_source(lambda: self.state, config.root_namespace, config.trust_domain)
+        self.plane.policy = make_hook(self.policies, lambda: self.state)
         self._stopping = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
@@ -207,6 +213,10 @@ class NodeAgent:
     def _on_state(self, state: ClusterState) -> None:
         self.state = state
         self._reconcile()
+        # New connections see the new policy at once (the hook reads the
+        # current set); open ones it now denies are closed here.
+        for pod in self.captured.values():
+            pod.proxy.revalidate()
 
     # -- control requests --------------------------------------------------
 
@@ -303,6 +313,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-address", default="", help="host:port of the CA (Istio's certificate API)")
     p.add_argument("--ca-root", default="", help="PEM file with the CA's root: verifies the CA and is the mesh trust bundle")
     p.add_argument("--token-file", default="", help="this node agent's token for the CA")
+    p.add_argument("--root-namespace", default="istio-system",
+                   help="namespace whose policies apply to the whole mesh")
     p.set_defaults(func=_run)
 
 
@@ -313,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
         excluded_namespaces=tuple(args.excluded) if args.excluded else DEFAULT_EXCLUDED,
         connect_timeout=args.connect_timeout, drain_seconds=args.drain_seconds,
         trust_domain=args.trust_domain, ca_address=args.ca_address, ca_root=args.ca_root,
-        token_file=args.token_file,
+        token_file=args.token_file, root_namespace=args.root_namespace,
     )
     if config.ca_address and not (config.ca_root and config.token_file):
         log.error("--ca-address needs --ca-root and --token-file")
