@@ -44,7 +44,7 @@ def make_hook(get_policy_set: Callable[[], PolicySet], get_state: Callable[[], C
         except Exception as exc:   # a bug must not open the door
             log.exception("policy evaluation failed for %s", inbound)
             return PolicyDecision(False, f"policy engine error ({type(exc).__name__}: {exc}): denied (fail closed)")
-        return PolicyDecision(decision.allowed, decision.reason)
+        return PolicyDecision(decision.allowed, decision.reason, decision.audit)
 
     return hook
 

@@ -48,6 +48,8 @@ class ConnectionRecord:
     duration_ms: int = 0
     outcome: str = ""         # closed, reset, refused: <reason>, failed: <reason>
     started: float = 0.0
+    policy: str = ""          # inbound: the policy decision's reason
+    audit: bool = False       # inbound: an AUDIT policy matched
 
 
 class ConnectionLog:

@@ -56,6 +56,7 @@ class InboundRequest:
 class PolicyDecision:
     allowed: bool
     reason: str
+    audit: bool = False       # an AUDIT policy matched: marked in the connection record
 
 
 def allow_all(request: InboundRequest) -> PolicyDecision:
@@ -197,7 +198,7 @@ class PodProxy:
 
     def _record(self, direction: str, protocol: str, src, dst, started: float, outcome: str,
                 counted: ByteCounter | None = None, src_id: str = "", dst_id: str = "",
-                app_is_source: bool = True) -> None:
+                app_is_source: bool = True, decision: PolicyDecision | None = None) -> None:
         sent = received = 0
         if counted is not None:
             sent, received = ((counted.sent, counted.received) if app_is_source
@@ -207,7 +208,8 @@ class PodProxy:
             source=hbone.format_authority(*src[:2]), destination=hbone.format_authority(*dst[:2]),
             source_identity=src_id, destination_identity=dst_id, bytes_sent=sent,
             bytes_received=received, duration_ms=int((time.monotonic() - started) * 1000),
-            outcome=outcome, started=time.time() - (time.monotonic() - started)))
+            outcome=outcome, started=time.time() - (time.monotonic() - started),
+            policy=decision.reason if decision else "", audit=decision.audit if decision else False))
         level = logging.INFO if outcome.startswith(("refused", "failed")) else logging.DEBUG
         log.log(level, "pod %s: %s %s %s -> %s (%s -> %s): %s", self.pod, direction, protocol,
                 hbone.format_authority(*src[:2]), hbone.format_authority(*dst[:2]),
@@ -277,13 +279,14 @@ class PodProxy:
                      src_id=self.identity, dst_id=route.identity)
 
     async def _plain(self, conn, dst, counters: DirectionCounters, direction: str, source, started,
-                     app_is_client: bool = True, src_id: str = "") -> None:
+                     app_is_client: bool = True, src_id: str = "",
+                     decision: PolicyDecision | None = None) -> None:
         try:
             upstream = await self._connect_from_pod(dst)
         except (OSError, asyncio.TimeoutError) as exc:
             counters.failed += 1
             self._record(direction, "TCP", source, dst, started, f"failed: {exc or 'timed out'}",
-                         src_id=src_id)
+                         src_id=src_id, decision=decision)
             abort(conn)    # the app sees a reset, as from an unreachable peer
             return
         counters.active += 1
@@ -295,7 +298,7 @@ class PodProxy:
         finally:
             counters.active -= 1
         self._record(direction, "TCP", source, dst, started, outcome, counted, src_id=src_id,
-                     app_is_source=app_is_client)
+                     app_is_source=app_is_client, decision=decision)
 
     # -- inbound plaintext -------------------------------------------------
 
@@ -313,11 +316,13 @@ class PodProxy:
         decision = self.plane.policy(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None))
         if not decision.allowed:
             counters.failed += 1
-            self._record("inbound", "TCP", peer, (local_ip, port), started, f"refused: {decision.reason}")
+            self._record("inbound", "TCP", peer, (local_ip, port), started, f"refused: {decision.reason}",
+                         decision=decision)
             abort(conn)
             return
         with self._authorised_as(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None)):
-            await self._plain(conn, (local_ip, port), counters, "inbound", peer, started, app_is_client=False)
+            await self._plain(conn, (local_ip, port), counters, "inbound", peer, started, app_is_client=False,
+                              decision=decision)
 
     # -- inbound HBONE -----------------------------------------------------
 
@@ -389,7 +394,7 @@ class PodProxy:
             counters.failed += 1
             stream.respond(401, end=True)
             self._record("hbone", "HBONE", source, dst, started, f"refused: 401 {decision.reason}",
-                         src_id=source_id, dst_id=self.identity)
+                         src_id=source_id, dst_id=self.identity, decision=decision)
             return
         try:
             app = await self._connect_from_pod(dst)
@@ -410,7 +415,7 @@ class PodProxy:
         finally:
             counters.active -= 1
         self._record("hbone", "HBONE", source, dst, started, outcome, counted, src_id=source_id,
-                     dst_id=self.identity, app_is_source=False)
+                     dst_id=self.identity, app_is_source=False, decision=decision)
 
 
 def _forwarded_for(value: str) -> tuple[str, int] | None:

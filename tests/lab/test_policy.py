@@ -143,3 +143,34 @@ def test_a_policy_change_closes_a_connection_it_now_denies(lab, servers):
         chat.kill()
         chat.wait()
         lab.apply(MANIFEST)
+
+
+AUDIT_WEBSITE = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-website, namespace: backend}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: AUDIT
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/frontend/sa/website"]}}]
+"""
+
+
+def test_audit_marks_the_record_without_changing_the_decision(lab, servers):
+    srv = servers(lab)
+    srv.serve("backend/api", 8080, "api")
+    lab.apply(AUDIT_WEBSITE)
+    api = lab.pod_ip("backend/api")
+
+    def audited():
+        ok, banner = connect(lab, "frontend/website", api, 8080, "audit-me")
+        assert ok, banner
+        recs = [r for r in agent_pod(lab, "node2", "backend/api")["connections"]
+                if r["destination"].endswith(":8080") and r["outcome"] == "closed"]
+        return recs[-1] if recs and recs[-1]["audit"] else None
+    rec = wait_for(audited, timeout=10, what="an audited record")
+    assert "allowed by ALLOW policy backend/api-allow-website" in rec["policy"]
+    assert "audit-website" in rec["policy"]
+    ok, _ = connect(lab, "frontend/intruder", api, 8080, "still-denied", timeout=3)
+    assert not ok
