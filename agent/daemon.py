@@ -85,7 +85,13 @@ class NodeAgent:
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
-        self.state = self.source.load()
+        try:
+            self.state = self.source.load()
+        except StateError as exc:
+            # Keep going with an empty cluster: pods the state does not know
+            # keep their capture (fail closed), and the watcher picks up the
+            # first readable version.
+            log.error("cluster state unreadable at start, waiting for a good one: %s", exc)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.datapath.load)
         if self.identities is not None:
