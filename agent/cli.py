@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from agent import daemon
+    from agent import daemon, status
     from agent.identity import cli as ca_cli
     from agent.lab import cli as lab_cli
     from agent.policy import cli as policy_cli
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca_cli.add_parser(sub)
     lab_cli.add_parser(sub)
     policy_cli.add_parser(sub)
+    status.add_parser(sub)
     return parser
 
 

@@ -174,3 +174,18 @@ def test_audit_marks_the_record_without_changing_the_decision(lab, servers):
     assert "audit-website" in rec["policy"]
     ok, _ = connect(lab, "frontend/intruder", api, 8080, "still-denied", timeout=3)
     assert not ok
+
+
+def test_status_command_shows_pods_identities_and_denials(lab):
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--run-dir", str(lab.node_dir("node2"))],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "node node2"
+    api = next(line for line in lines if line.startswith("backend/api "))
+    assert "spiffe://cluster.local/ns/backend/sa/api" in api and " yes " in api
+    assert any("refused: 401" in line for line in lines), done.stdout
+    as_json = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--json", "--run-dir",
+                              str(lab.node_dir("node2"))], capture_output=True, text=True, timeout=30)
+    import json
+    assert json.loads(as_json.stdout)["node"] == "node2"
