@@ -23,6 +23,9 @@ from agent.enrol.records import PodRecord, RecordStore
 from agent.enrol.rule import DEFAULT_EXCLUDED
 from agent.identity.node import NodeIdentities
 from agent.netns import NetnsSwitcher
+from agent.observe.accesslog import AccessLogSink
+from agent.observe.admin import AdminServer
+from agent.observe.metrics import Metrics, WithoutCreated
 from agent.policy.hook import make_hook, policy_set_source
 from agent.proxy.counters import ConnectionLog, PodCounters
 from agent.proxy.forward import DataPlane, PodProxy
@@ -49,6 +52,10 @@ class AgentConfig:
     ca_root: str = ""
     token_file: str = ""
     root_namespace: str = "istio-system"
+    metrics_addr: tuple[str, int] = ("0.0.0.0", 15020)
+    ready_addr: tuple[str, int] = ("0.0.0.0", 15021)
+    admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
+    access_log_json: bool = False
 
 
 @dataclass
@@ -61,6 +68,7 @@ class CapturedPod:
 class NodeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self._stopping = asyncio.Event()
         self.source = FileStateSource(parse_state_url(config.state_url))
         self.state = ClusterState.from_items([])
         self.datapath = CaptureDatapath(config.pin_dir, config.cgroup)
@@ -80,13 +88,24 @@ class NodeAgent:
         # and every inbound connection is checked before the app is reached.
         self.policies = policy_set_source(lambda: self.state, config.root_namespace, config.trust_domain)
         self.plane.policy = make_hook(self.policies, lambda: self.state)
-        self._stopping = asyncio.Event()
+        # Observability: Istio's TCP metrics, the access log, and the admin,
+        # metrics and readiness listeners (in the agent's own, host, netns).
+        self.metrics = Metrics()
+        self.plane.metrics = self.metrics.tcp
+        self.plane.access = AccessLogSink(json_format=config.access_log_json)
+        self.admin = AdminServer(WithoutCreated(self.metrics.registry), self.readiness, self.config_dump,
+                                 self._stopping.set, metrics_addr=config.metrics_addr,
+                                 ready_addr=config.ready_addr, admin_addr=config.admin_addr,
+                                 before_scrape=self._before_scrape)
+        self._bpf_ready = False
+        self._synced = False
 
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
         try:
             self.state = self.source.load()
+            self._synced = True
         except StateError as exc:
             # Keep going with an empty cluster: pods the state does not know
             # keep their capture (fail closed), and the watcher picks up the
@@ -94,10 +113,12 @@ class NodeAgent:
             log.error("cluster state unreadable at start, waiting for a good one: %s", exc)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.datapath.load)
+        self._bpf_ready = True
         if self.identities is not None:
             self.identities.start()
         self._readopt()
         await self.control.start()
+        await self.admin.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         watcher = asyncio.ensure_future(self.source.watch(self._on_state))
@@ -116,6 +137,7 @@ class NodeAgent:
         (fail closed) until an agent runs again.
         """
         log.info("shutting down: draining connections for up to %.1f s", self.config.drain_seconds)
+        self._stopping.set()      # readiness goes false first
         await self.control.close()
         for pod in self.captured.values():
             await pod.proxy.stop_accepting()
@@ -126,6 +148,7 @@ class NodeAgent:
                                for p in self.captured.values()))
         if self.identities is not None:
             await self.identities.close()
+        await self.admin.close()
         self.datapath.close()
         self.switcher.close()
 
@@ -218,6 +241,8 @@ class NodeAgent:
 
     def _on_state(self, state: ClusterState) -> None:
         self.state = state
+        self._synced = True
+        self.metrics.agent.state_synced(True)
         self._reconcile()
         # New connections see the new policy at once (the hook reads the
         # current set); open ones it now denies are closed here.
@@ -240,6 +265,7 @@ class NodeAgent:
         # The pod may have been written to the state after our last poll.
         try:
             self.state = self.source.load()
+            self._synced = True
         except StateError as exc:
             log.warning("cluster state unreadable, using the last good one: %s", exc)
         decision = desired(self.state, req.namespace, req.name, req.uid,
@@ -279,6 +305,53 @@ class NodeAgent:
         log.info("pod %s: removed (CNI DEL)", key)
         return {"ok": True}
 
+    def _before_scrape(self) -> None:
+        """Bring gauges up to date right before Prometheus reads them."""
+        m = self.metrics
+        m.tcp.sync_live()
+        m.agent.enrolled_pods.set(len(self.captured))
+        m.agent.set_listeners({"outbound": sum(len(p.listeners.outbound) for p in self.captured.values()),
+                               "inbound": len(self.captured), "hbone": len(self.captured)})
+        m.agent.bpf_programs.set(3 + len(self.captured) if self._bpf_ready else 0)
+        m.agent.policy_rejected.set(len(self.policies().rejections))
+        if self.identities is not None:
+            m.agent.set_certificates({c["identity"]: c["not_after"] for c in self.identities.status()})
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready only with BPF attached, the state synced and every held identity certified."""
+        if self._stopping.is_set():
+            return False, "shutting down"
+        if not self._bpf_ready:
+            return False, "BPF programs not attached yet"
+        if not self._synced:
+            return False, "cluster state not synced yet"
+        if self.identities is not None:
+            waiting = [c["identity"] for c in self.identities.status() if c["state"] != "valid"]
+            if waiting:
+                return False, f"no valid certificate yet for {', '.join(waiting)}"
+        return True, "ready"
+
+    def config_dump(self) -> dict:
+        """Everything the agent believes, for /config_dump (no private keys: none are put here)."""
+        policies = self.policies()
+        return {
+            "node": self.config.node,
+            "workloads": [{"namespace": ns, "name": name, "node": (p.get("spec") or {}).get("nodeName"),
+                           "ips": [i.get("ip") for i in (p.get("status") or {}).get("podIPs") or []],
+                           "service_account": (p.get("spec") or {}).get("serviceAccountName") or "default"}
+                          for (ns, name), p in sorted(self.state.pods.items())],
+            "services": [{"namespace": ns, "name": name, "cluster_ip": (svc.get("spec") or {}).get("clusterIP")}
+                         for (ns, name), svc in sorted(self.state.services.items())],
+            "policies": {"rejected": [str(r) for r in policies.rejections], "reports": list(policies.reports)},
+            "certificates": self.identities.status() if self.identities else [],
+            "trust_bundle": self.identities.bundle_status() if self.identities else None,
+            "enrolled": [{"pod": key, "netns": rec.netns, "netns_cookie": rec.netns_cookie, "ips": rec.ips,
+                          "enrolled": rec.enrolled} for key, rec in sorted(self.known.items())],
+            "bpf": {"pin_dir": self.config.pin_dir, "cgroup": self.config.cgroup,
+                    "attached": self._bpf_ready, "netns_captured": self.datapath.enrolled_netns()
+                    if self._bpf_ready else [], "counters": self.datapath.stats() if self._bpf_ready else {}},
+        }
+
     def status(self) -> dict:
         pods = []
         for key, rec in sorted(self.known.items()):
@@ -291,6 +364,7 @@ class NodeAgent:
                 "connections": self.plane.log.recent(key),
             })
         return {"ok": True, "node": self.config.node, "pods": pods,
+                "state_version": self.state.resource_version,
                 "capture": self.datapath.stats(),
                 "hbone_pool": {"connections": self.plane.pool.connections(),
                                "opened": self.plane.pool.connections_opened},
@@ -321,7 +395,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", default="", help="this node agent's token for the CA")
     p.add_argument("--root-namespace", default="istio-system",
                    help="namespace whose policies apply to the whole mesh")
+    p.add_argument("--metrics-addr", default="0.0.0.0:15020", help="Prometheus metrics listener")
+    p.add_argument("--ready-addr", default="0.0.0.0:15021", help="readiness listener (/healthz/ready)")
+    p.add_argument("--admin-addr", default="127.0.0.1:15000", help="admin listener (config_dump, logging)")
+    p.add_argument("--access-log-json", action="store_true", help="access log lines as JSON")
     p.set_defaults(func=_run)
+
+
+def _addr(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -332,6 +415,8 @@ def _run(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout, drain_seconds=args.drain_seconds,
         trust_domain=args.trust_domain, ca_address=args.ca_address, ca_root=args.ca_root,
         token_file=args.token_file, root_namespace=args.root_namespace,
+        metrics_addr=_addr(args.metrics_addr), ready_addr=_addr(args.ready_addr),
+        admin_addr=_addr(args.admin_addr), access_log_json=args.access_log_json,
     )
     if config.ca_address and not (config.ca_root and config.token_file):
         log.error("--ca-address needs --ca-root and --token-file")

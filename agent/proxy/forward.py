@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from agent.observe.metrics import TcpMetrics, flags_for_outcome, labels_for, with_flags
 from agent.capture.datapath import AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, CaptureDatapath
 from agent.capture.inpod import PodListeners
 from agent.netns import NetnsSwitcher
@@ -74,6 +75,8 @@ class DataPlane:
     log: ConnectionLog
     policy: Callable[[InboundRequest], PolicyDecision] = allow_all
     connect_timeout: float = 5.0
+    metrics: TcpMetrics | None = None              # Istio's istio_tcp_* series
+    access: Callable[[object], None] | None = None  # access log sink, one line per connection
 
 
 class PodProxy:
@@ -156,6 +159,27 @@ class PodProxy:
             log.exception("pod %s: connection from %s failed", self.pod, peer)
             abort(conn)
 
+    # -- metrics -----------------------------------------------------------
+
+    def _own_pod(self) -> dict | None:
+        ns, _, name = self.pod.partition("/")
+        return self.plane.state().pod(ns, name)
+
+    def _labels(self, reporter: str, source_pod, source_id, dest_pod, dest_id, service: str = "",
+                mtls: bool = False) -> dict | None:
+        if self.plane.metrics is None:
+            return None
+        return labels_for(reporter, source_pod, source_id or None, dest_pod, dest_id or None,
+                          service or None, mtls, domain=self.plane.trust_domain)
+
+    def _meter(self, labels: dict | None, counted: ByteCounter, app_is_source: bool):
+        """A live meter: byte counters advance while the connection is open."""
+        if labels is None or self.plane.metrics is None:
+            return None
+        totals = ((lambda: (counted.sent, counted.received)) if app_is_source
+                  else (lambda: (counted.received, counted.sent)))
+        return self.plane.metrics.connection(labels, totals=totals)
+
     # -- policy changes ----------------------------------------------------
 
     @contextlib.contextmanager
@@ -198,18 +222,35 @@ class PodProxy:
 
     def _record(self, direction: str, protocol: str, src, dst, started: float, outcome: str,
                 counted: ByteCounter | None = None, src_id: str = "", dst_id: str = "",
-                app_is_source: bool = True, decision: PolicyDecision | None = None) -> None:
+                app_is_source: bool = True, decision: PolicyDecision | None = None,
+                labels: dict | None = None, meter=None) -> None:
         sent = received = 0
         if counted is not None:
             sent, received = ((counted.sent, counted.received) if app_is_source
                               else (counted.received, counted.sent))
-        self.plane.log.add(ConnectionRecord(
+        record = ConnectionRecord(
             direction=direction, protocol=protocol, pod=self.pod,
             source=hbone.format_authority(*src[:2]), destination=hbone.format_authority(*dst[:2]),
             source_identity=src_id, destination_identity=dst_id, bytes_sent=sent,
             bytes_received=received, duration_ms=int((time.monotonic() - started) * 1000),
             outcome=outcome, started=time.time() - (time.monotonic() - started),
-            policy=decision.reason if decision else "", audit=decision.audit if decision else False))
+            policy=decision.reason if decision else "", audit=decision.audit if decision else False)
+        self.plane.log.add(record)
+        if self.plane.access is not None:
+            self.plane.access(record)
+        metrics = self.plane.metrics
+        if metrics is not None and labels is not None:
+            flags = flags_for_outcome(outcome, decision.reason if decision else "")
+            if meter is None:
+                flagged = with_flags(labels, flags)
+                metrics.opened(flagged)
+                metrics.closed(flagged)
+                if flags != "-":
+                    metrics.failed(flagged)
+            elif flags == "-":
+                meter.close(sent_total=sent, received_total=received)
+            else:
+                meter.fail(flags)
         level = logging.INFO if outcome.startswith(("refused", "failed")) else logging.DEBUG
         log.log(level, "pod %s: %s %s %s -> %s (%s -> %s): %s", self.pod, direction, protocol,
                 hbone.format_authority(*src[:2]), hbone.format_authority(*dst[:2]),
@@ -225,24 +266,30 @@ class PodProxy:
         # The application's own address: its socket is bound to the pod's IP
         # unless it talked to loopback, which is never captured.
         source = (self.pod_ips[0] if self.pod_ips else peer[0], peer[1])
+        own = self._own_pod()
         if dst is None:
             counters.failed += 1
             self._record("outbound", "TCP", source, ("0.0.0.0", 0), started,
-                         "failed: no original destination recorded")
+                         "failed: no original destination recorded",
+                         labels=self._labels("source", own, self.identity, None, None))
             abort(conn)
             return
         route = resolve(self.plane.state(), dst.ip, dst.port, self.plane.trust_domain, salt=peer[1])
+        hbone_route = route.kind == "hbone"
+        labels = self._labels("source", own, self.identity, route.pod, route.identity, route.service,
+                              mtls=hbone_route)
         if route.kind == "no-endpoint":
             counters.failed += 1
-            self._record("outbound", "TCP", source, (dst.ip, dst.port), started, f"failed: {route.reason}")
+            self._record("outbound", "TCP", source, (dst.ip, dst.port), started, f"failed: {route.reason}",
+                         labels=labels)
             abort(conn)
             return
         if route.kind == "passthrough":
-            await self._plain(conn, (route.ip, route.port), counters, "outbound", source, started)
+            await self._plain(conn, (route.ip, route.port), counters, "outbound", source, started, labels=labels)
             return
-        await self._outbound_hbone(conn, route, source, (dst.ip, dst.port), counters, started)
+        await self._outbound_hbone(conn, route, source, (dst.ip, dst.port), counters, started, labels)
 
-    async def _outbound_hbone(self, conn, route, source, original, counters, started) -> None:
+    async def _outbound_hbone(self, conn, route, source, original, counters, started, labels) -> None:
         target = hbone.ConnectTarget(route.ip, route.port)
         try:
             if self.plane.tls is None:
@@ -258,7 +305,7 @@ class PodProxy:
             counters.failed += 1
             reason = str(exc) or type(exc).__name__
             self._record("outbound", "HBONE", source, original, started, f"failed: {reason}",
-                         src_id=self.identity, dst_id=route.identity)
+                         src_id=self.identity, dst_id=route.identity, labels=labels)
             abort(conn)
             return
         status = hbone.response_status(response)
@@ -266,31 +313,33 @@ class PodProxy:
             counters.failed += 1
             stream.reset()
             self._record("outbound", "HBONE", source, original, started, f"refused: status {status}",
-                         src_id=self.identity, dst_id=route.identity)
+                         src_id=self.identity, dst_id=route.identity, labels=labels)
             abort(conn)
             return
         counters.active += 1
         counted = ByteCounter()
+        meter = self._meter(labels, counted, app_is_source=True)
         try:
             outcome = await bridge(conn, stream, counted, counters, sock_is_app=True)
         finally:
             counters.active -= 1
         self._record("outbound", "HBONE", source, original, started, outcome, counted,
-                     src_id=self.identity, dst_id=route.identity)
+                     src_id=self.identity, dst_id=route.identity, labels=labels, meter=meter)
 
     async def _plain(self, conn, dst, counters: DirectionCounters, direction: str, source, started,
                      app_is_client: bool = True, src_id: str = "",
-                     decision: PolicyDecision | None = None) -> None:
+                     decision: PolicyDecision | None = None, labels: dict | None = None) -> None:
         try:
             upstream = await self._connect_from_pod(dst)
         except (OSError, asyncio.TimeoutError) as exc:
             counters.failed += 1
             self._record(direction, "TCP", source, dst, started, f"failed: {exc or 'timed out'}",
-                         src_id=src_id, decision=decision)
+                         src_id=src_id, decision=decision, labels=labels)
             abort(conn)    # the app sees a reset, as from an unreachable peer
             return
         counters.active += 1
         counted = ByteCounter()
+        meter = self._meter(labels, counted, app_is_source=app_is_client)
         try:
             # splice's first socket faces the pod's application.
             app, other = (conn, upstream) if app_is_client else (upstream, conn)
@@ -298,7 +347,7 @@ class PodProxy:
         finally:
             counters.active -= 1
         self._record(direction, "TCP", source, dst, started, outcome, counted, src_id=src_id,
-                     app_is_source=app_is_client, decision=decision)
+                     app_is_source=app_is_client, decision=decision, labels=labels, meter=meter)
 
     # -- inbound plaintext -------------------------------------------------
 
@@ -307,22 +356,24 @@ class PodProxy:
         local_ip, port = conn.getsockname()[:2]
         counters = self.counters.inbound
         counters.connections += 1
+        labels = self._labels("destination", self.plane.state().pod_by_ip(peer[0]), None,
+                              self._own_pod(), self.identity)
         if port in AGENT_PORTS:
             counters.failed += 1
             self._record("inbound", "TCP", peer, (local_ip, port), started,
-                         f"refused: port {port} belongs to the mesh agent")
+                         f"refused: port {port} belongs to the mesh agent", labels=labels)
             abort(conn)
             return
         decision = self.plane.policy(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None))
         if not decision.allowed:
             counters.failed += 1
             self._record("inbound", "TCP", peer, (local_ip, port), started, f"refused: {decision.reason}",
-                         decision=decision)
+                         decision=decision, labels=labels)
             abort(conn)
             return
         with self._authorised_as(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None)):
             await self._plain(conn, (local_ip, port), counters, "inbound", peer, started, app_is_client=False,
-                              decision=decision)
+                              decision=decision, labels=labels)
 
     # -- inbound HBONE -----------------------------------------------------
 
@@ -378,14 +429,21 @@ class PodProxy:
         counters = self.counters.hbone
         source_id = stream.conn.peer_identity
         headers = dict(stream.request_headers)
-        forwarded = headers.get("forwarded", "")
-        source = _forwarded_for(forwarded) or (peer[0], peer[1])
+        # The peer's agent connects from inside the client pod, so the TCP peer
+        # address is the client's and cannot be chosen by the client. The
+        # forwarded header is only believed when it names that same address
+        # (it then adds the application's port); policy never trusts it alone.
+        claimed = _forwarded_for(headers.get("forwarded", ""))
+        source = claimed if claimed and claimed[0] == peer[0] else (peer[0], peer[1])
+        labels = self._labels("destination", self.plane.state().pod_by_ip(source[0]), source_id,
+                              self._own_pod(), self.identity, mtls=True)
         checked = hbone.check_connect(stream.request_headers, self.pod_ips)
         if isinstance(checked, hbone.Refusal):
             counters.failed += 1
             stream.respond(checked.status, end=True)
             self._record("hbone", "HBONE", source, (self.pod_ips[0], 0), started,
-                         f"refused: {checked.status} {checked.reason}", src_id=source_id, dst_id=self.identity)
+                         f"refused: {checked.status} {checked.reason}", src_id=source_id, dst_id=self.identity,
+                         labels=labels)
             return
         dst = (checked.ip, checked.port)
         decision = self.plane.policy(InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port,
@@ -394,7 +452,7 @@ class PodProxy:
             counters.failed += 1
             stream.respond(401, end=True)
             self._record("hbone", "HBONE", source, dst, started, f"refused: 401 {decision.reason}",
-                         src_id=source_id, dst_id=self.identity, decision=decision)
+                         src_id=source_id, dst_id=self.identity, decision=decision, labels=labels)
             return
         try:
             app = await self._connect_from_pod(dst)
@@ -402,12 +460,13 @@ class PodProxy:
             counters.failed += 1
             stream.respond(503, end=True)
             self._record("hbone", "HBONE", source, dst, started, f"refused: 503 app unreachable: {exc or 'timed out'}",
-                         src_id=source_id, dst_id=self.identity)
+                         src_id=source_id, dst_id=self.identity, labels=labels)
             return
         bag = hbone.baggage(self.workload)
         stream.respond(200, [("baggage", bag)] if bag else [])
         counters.active += 1
         counted = ByteCounter()
+        meter = self._meter(labels, counted, app_is_source=False)
         request = InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port, source_id)
         try:
             with self._authorised_as(request):
@@ -415,7 +474,7 @@ class PodProxy:
         finally:
             counters.active -= 1
         self._record("hbone", "HBONE", source, dst, started, outcome, counted, src_id=source_id,
-                     dst_id=self.identity, app_is_source=False, decision=decision)
+                     dst_id=self.identity, app_is_source=False, decision=decision, labels=labels, meter=meter)
 
 
 def _forwarded_for(value: str) -> tuple[str, int] | None:

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from agent.lab.lab import Lab
-from tests.lab.conftest import agent_pod, connect, counters, unique_name, wait_for
+from tests.lab.conftest import settle, agent_pod, connect, counters, unique_name, wait_for
 
 MANIFEST = """
 apiVersion: v1
@@ -61,6 +61,7 @@ def lab():
     lab = Lab(unique_name("cap"), pod_timeout=20.0)
     try:
         lab.up(MANIFEST)
+        settle(lab)
         yield lab
     finally:
         lab.down()

@@ -21,7 +21,7 @@ import pytest
 from agent.lab.lab import Lab
 from tests.interop.certs import CertFiles
 from tests.interop.peers import nghttpx_hbone_server, node_hbone_client, node_hbone_server
-from tests.lab.conftest import agent_pod, connect, counters, unique_name, wait_for
+from tests.lab.conftest import settle, agent_pod, connect, counters, unique_name, wait_for
 
 HERE = Path(__file__).parent
 MANIFEST = """
@@ -69,6 +69,7 @@ def lab():
     lab = Lab(unique_name("hb"), pod_timeout=20.0)
     try:
         lab.up(MANIFEST)
+        settle(lab)
         yield lab
     finally:
         lab.down()

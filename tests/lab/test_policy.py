@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.lab.lab import Lab
-from tests.lab.conftest import agent_pod, connect, unique_name, wait_for
+from tests.lab.conftest import settle, agent_pod, connect, unique_name, wait_for
 
 HERE = Path(__file__).parent
 MANIFEST = """
@@ -75,6 +75,7 @@ def lab():
     lab = Lab(unique_name("pol"), pod_timeout=20.0)
     try:
         lab.up(MANIFEST)
+        settle(lab)
         yield lab
     finally:
         lab.down()
@@ -143,6 +144,7 @@ def test_a_policy_change_closes_a_connection_it_now_denies(lab, servers):
         chat.kill()
         chat.wait()
         lab.apply(MANIFEST)
+        settle(lab)
 
 
 AUDIT_WEBSITE = """
@@ -161,6 +163,7 @@ def test_audit_marks_the_record_without_changing_the_decision(lab, servers):
     srv = servers(lab)
     srv.serve("backend/api", 8080, "api")
     lab.apply(AUDIT_WEBSITE)
+    settle(lab)
     api = lab.pod_ip("backend/api")
 
     def audited():
