@@ -136,3 +136,22 @@ def test_readiness_and_config_dump(lab):
         e for e in dump["enrolled"] if e["pod"] == "shop/web-7d9f8b6c5d-abcde").items()
     status, body = fetch(lab, "node1", "http://127.0.0.1:15000/logging?agent.proxy=debug", "POST")
     assert status == 200, body
+
+
+def test_readiness_waits_for_certificates_of_new_identities(lab):
+    lab.stop_ca()
+    lab.start_agents = False             # up() would bring the CA straight back
+    try:
+        lab.up("""
+apiVersion: v1
+kind: Pod
+metadata: {name: newcomer, namespace: shop}
+spec: {nodeName: node1, serviceAccountName: newcomer}
+""")
+        status, body = fetch(lab, "node1", "http://127.0.0.1:15021/healthz/ready")
+        assert status == 503 and "spiffe://cluster.local/ns/shop/sa/newcomer" in body, (status, body)
+    finally:
+        lab.start_agents = True
+        lab.start_ca()
+    wait_for(lambda: fetch(lab, "node1", "http://127.0.0.1:15021/healthz/ready")[0] == 200, timeout=30,
+             what="readiness once the certificate arrives")
