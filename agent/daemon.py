@@ -79,7 +79,9 @@ class NodeAgent:
         self.captured: dict[str, CapturedPod] = {}
         self.counters: dict[str, PodCounters] = {}
         self.control = ControlServer(os.path.join(config.run_dir, "agent.sock"), self.handle)
-        self.identities = NodeIdentities.create(config) if config.ca_address else None
+        self.metrics = Metrics()
+        self.identities = (NodeIdentities.create(config, on_ca_result=self.metrics.agent.ca_request)
+                           if config.ca_address else None)
         self.plane = DataPlane(state=lambda: self.state, trust_domain=config.trust_domain,
                                tls=self.identities.tls if self.identities else None,
                                pool=HbonePool(connect_timeout=config.connect_timeout),
@@ -90,7 +92,6 @@ class NodeAgent:
         self.plane.policy = make_hook(self.policies, lambda: self.state)
         # Observability: Istio's TCP metrics, the access log, and the admin,
         # metrics and readiness listeners (in the agent's own, host, netns).
-        self.metrics = Metrics()
         self.plane.metrics = self.metrics.tcp
         self.plane.access = AccessLogSink(json_format=config.access_log_json)
         self.admin = AdminServer(WithoutCreated(self.metrics.registry), self.readiness, self.config_dump,

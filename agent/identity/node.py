@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from agent.identity.bundle import TrustBundle, TrustBundleError
-from agent.identity.client import CaClient
+from agent.identity.client import CaClient, CaError
 from agent.identity.manager import CertificateManager
 from agent.identity.spiffe import parse_spiffe_uri
 from agent.proxy.tls import TlsContexts
@@ -19,9 +19,29 @@ from agent.proxy.tls import TlsContexts
 log = logging.getLogger(__name__)
 
 
+class _CountingSigner:
+    """The CA client, reporting each request's outcome (for the CA request metric)."""
+
+    def __init__(self, client: CaClient, on_result) -> None:
+        self.client = client
+        self.on_result = on_result
+
+    async def create_certificate(self, csr_pem: str, ttl_seconds: int, impersonate: str | None) -> list[str]:
+        try:
+            chain = await self.client.create_certificate(csr_pem, ttl_seconds, impersonate)
+        except CaError as exc:
+            self.on_result(exc.code.name.lower())
+            raise
+        except Exception:
+            self.on_result("error")
+            raise
+        self.on_result("ok")
+        return chain
+
+
 class NodeIdentities:
     def __init__(self, ca_address: str, ca_root: str, token_file: str, trust_domain: str,
-                 tmp_root: str | None = None) -> None:
+                 tmp_root: str | None = None, on_ca_result=lambda result: None) -> None:
         self.bundle = TrustBundle(ca_root)
         try:
             self.bundle.load()
@@ -32,14 +52,14 @@ class NodeIdentities:
         root = self.bundle.pem_bytes() if self.bundle.version else b""
         self.client = CaClient(ca_address, root, self._token)
         self.bundle.on_change(lambda pem: asyncio.ensure_future(self.client.set_root_pem(pem)))
-        self.manager = CertificateManager(self.client, trust_domain)
+        self.manager = CertificateManager(_CountingSigner(self.client, on_ca_result), trust_domain)
         self.tls = TlsContexts(self._material, self._bundle, tmp_root)
         self._watch: asyncio.Task | None = None
 
     @classmethod
-    def create(cls, config) -> "NodeIdentities":
+    def create(cls, config, on_ca_result=lambda result: None) -> "NodeIdentities":
         return cls(config.ca_address, config.ca_root, config.token_file, config.trust_domain,
-                   config.run_dir)
+                   config.run_dir, on_ca_result)
 
     def _token(self) -> str:
         with open(self.token_file, encoding="utf-8") as fh:

@@ -96,6 +96,7 @@ def test_istio_metrics_from_both_reporters(lab, servers):
         status, same = fetch(lab, node, "http://127.0.0.1:15020/stats/prometheus")
         assert status == 200 and "istio_tcp_connections_opened_total" in same
         assert series(text, "ambient_agent_enrolled_pods") == 1
+        assert series(text, "ambient_agent_ca_requests_total", result="ok") >= 1
 
 
 def test_denied_plaintext_is_counted_with_the_deny_flag(lab, servers):
