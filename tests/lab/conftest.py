@@ -6,6 +6,7 @@ test fails; the session finaliser checks that nothing was left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -107,6 +108,18 @@ def settle(lab: Lab, timeout: float = 10.0) -> None:
     for node in lab.nodes:
         wait_for(lambda: lab.agent_request(node, {"op": "status"}).get("state_version") == version,
                  timeout, what=f"the agent of {node} to read state version {version}")
+
+
+@contextlib.contextmanager
+def running_lab(prefix: str, manifest: str):
+    """A uniquely named lab built from ``manifest``, agents settled; always torn down."""
+    lab = Lab(unique_name(prefix), pod_timeout=20.0)
+    try:
+        lab.up(manifest)
+        settle(lab)
+        yield lab
+    finally:
+        lab.down()
 
 
 @pytest.fixture

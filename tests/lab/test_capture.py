@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from agent.lab.lab import Lab
-from tests.lab.conftest import settle, agent_pod, connect, counters, unique_name, wait_for
+from tests.lab.conftest import running_lab, settle, agent_pod, connect, counters, unique_name, wait_for
 
 MANIFEST = """
 apiVersion: v1
@@ -58,13 +58,8 @@ spec: {nodeName: node2}
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("cap"), pod_timeout=20.0)
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("cap", MANIFEST) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def node_of(pod: str) -> str:

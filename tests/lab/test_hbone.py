@@ -21,7 +21,7 @@ import pytest
 from agent.lab.lab import Lab
 from tests.interop.certs import CertFiles
 from tests.interop.peers import nghttpx_hbone_server, node_hbone_client, node_hbone_server
-from tests.lab.conftest import settle, agent_pod, connect, counters, unique_name, wait_for
+from tests.lab.conftest import running_lab, settle, agent_pod, connect, counters, unique_name, wait_for
 
 HERE = Path(__file__).parent
 MANIFEST = """
@@ -66,13 +66,8 @@ SERVER_ID = "spiffe://cluster.local/ns/mesh/sa/server"
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("hb"), pod_timeout=20.0)
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("hb", MANIFEST) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def issue(lab: Lab, node: str, ns: str, sa: str, directory: Path) -> CertFiles:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from agent.lab.lab import Lab
-from tests.lab.conftest import agent_pod, connect, settle, unique_name, wait_for
+from tests.lab.conftest import running_lab, agent_pod, connect, settle, unique_name, wait_for
 
 MANIFEST = """
 apiVersion: v1
@@ -44,13 +44,8 @@ except urllib.error.HTTPError as e:
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("obs"), pod_timeout=20.0)
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("obs", MANIFEST) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def fetch(lab, node, url, method="GET"):

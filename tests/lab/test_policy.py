@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.lab.lab import Lab
-from tests.lab.conftest import settle, agent_pod, connect, unique_name, wait_for
+from tests.lab.conftest import running_lab, settle, agent_pod, connect, unique_name, wait_for
 
 HERE = Path(__file__).parent
 MANIFEST = """
@@ -72,13 +72,8 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("pol"), pod_timeout=20.0)
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("pol", MANIFEST) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def outcomes(lab, port):
