@@ -84,6 +84,7 @@ def main() -> int:
     try:
         step(f"creating lab {lab.name}: 2 nodes, their agents, 3 pods through bridge + host-local + ambient-cni")
         lab.up(MANIFEST)
+        lab.settle()
         for pod in lab.status()["pods"]:
             print(f"    {pod['namespace']}/{pod['name']:<6} node={pod['node']} ip={pod['ip']} "
                   f"enrolled={pod['enrolled']} ({pod['reason']})")
@@ -127,7 +128,7 @@ def main() -> int:
         step("policy: only the frontend namespace may reach backend/api on 8080, and only with mTLS")
         lab.apply(DENY_OLD + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
                   "metadata: {name: default, namespace: backend}\nspec: {mtls: {mode: STRICT}}\n")
-        time.sleep(1.0)   # the agents poll the state file
+        lab.settle()
         print("    legacy/old: " + lab.run("legacy/old", [sys.executable, "-c", CLIENT, api_ip]).stdout.strip())
         print("    frontend/web: " + lab.run("frontend/web", [sys.executable, "-c", CLIENT, api_ip]).stdout.strip())
         for p in lab.agent_request("node2", {"op": "status"})["pods"]:

@@ -1001,6 +1001,24 @@ class Lab:
             return a["pid"]
         return None
 
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until every running node agent has read the current cluster state.
+
+        Agents poll the state file; traffic sent right after a pod is created
+        would otherwise race them (and be passed through, correctly, to an
+        address the agent does not know yet).
+        """
+        version = self._read_state()["metadata"]["resourceVersion"]
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if self.agent_pid(node) is None:
+                continue
+            while self.agent_request(node, {"op": "status"}).get("state_version") != version:
+                if time.monotonic() > deadline:
+                    raise LabError(f"the agent of node {node} did not read state version {version} "
+                                   f"within {timeout:g}s")
+                time.sleep(0.05)
+
     def agent_request(self, node: str, obj: dict, timeout: float = 5.0) -> dict:
         """One request on the node agent's control socket (one JSON line each way)."""
         return control.request(self.agent_socket(node), obj, timeout)

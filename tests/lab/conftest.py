@@ -98,16 +98,8 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
 
 
 def settle(lab: Lab, timeout: float = 10.0) -> None:
-    """Wait until every node agent has read the lab's current cluster state.
-
-    Agents poll the state file; a test that connects right after creating a
-    pod would otherwise race them (and see, correctly, a passthrough to an
-    address nobody knows yet).
-    """
-    version = json.loads(Path(lab.state_path).read_text())["metadata"]["resourceVersion"]
-    for node in lab.nodes:
-        wait_for(lambda: lab.agent_request(node, {"op": "status"}).get("state_version") == version,
-                 timeout, what=f"the agent of {node} to read state version {version}")
+    """Wait until every node agent has read the lab's current cluster state."""
+    lab.settle(timeout)
 
 
 @contextlib.contextmanager
