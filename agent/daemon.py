@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from agent.capture.datapath import DEFAULT_CGROUP, CaptureDatapath, CaptureError
 from agent.capture.inpod import InPodCapture, PodListeners
 from agent.control import CniAdd, CniDel, ControlServer, Request, StatusRequest
-from agent.enrol.reconcile import desired, plan
+from agent.enrol import discover
+from agent.enrol.reconcile import Unrecorded, annotation_changes, desired, plan, unrecorded
 from agent.enrol.records import PodRecord, RecordStore
 from agent.enrol.rule import DEFAULT_EXCLUDED
 from agent.identity.node import NodeIdentities
@@ -56,6 +57,9 @@ class AgentConfig:
     ready_addr: tuple[str, int] = ("0.0.0.0", 15021)
     admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
     access_log_json: bool = False
+    # How often every pod of the node is checked against the rule and its BPF
+    # state (state changes trigger a check at once as well).
+    reconcile_seconds: float = 10.0
 
 
 @dataclass
@@ -100,6 +104,11 @@ class NodeAgent:
                                  before_scrape=self._before_scrape)
         self._bpf_ready = False
         self._synced = False
+        # Live enrolment: a wake-up for the node reconciler, and what it could
+        # not fix (pod key -> problem), shown by `status` and /config_dump.
+        self._wake = asyncio.Event()
+        self.unresolved: dict[str, str] = {}
+        self._annotation_errors: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -123,12 +132,14 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         watcher = asyncio.ensure_future(self.source.watch(self._on_state))
+        reconciler = asyncio.ensure_future(self._reconcile_loop())
         log.info("node agent for %s ready: %d pods known, %d captured",
                  self.config.node, len(self.known), len(self.captured))
         try:
             await self._stopping.wait()
         finally:
             watcher.cancel()
+            reconciler.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -240,11 +251,127 @@ class NodeAgent:
                 self.records.save(rec)
                 log.info("pod %s: released (%s)", rec.key, change.reason)
 
+    # -- live enrolment: the node reconciler ---------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        """Check the whole node now, after every state change, and periodically.
+
+        CNI ADD and the records cover pods the agent saw start. This loop covers
+        the rest: running pods that joined the mesh by a label change, pods
+        whose capture was lost (records gone, BPF state wiped, node rebooted),
+        pods that left, and the redirection annotation on each.
+        """
+        while not self._stopping.is_set():
+            try:
+                await self.reconcile_node()
+            except asyncio.CancelledError:
+                raise
+            except Exception:      # a bug here must not stop the agent or later checks
+                log.exception("node reconcile failed")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.reconcile_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    async def reconcile_node(self) -> None:
+        if not self._synced:
+            return       # an empty cluster would read as "nothing to capture"
+        loop = asyncio.get_running_loop()
+        self._drop_vanished()
+        self._reconcile()
+        self._verify_capture()
+        missing = unrecorded(self.state, self.config.node, self.known, self.config.excluded_namespaces)
+        resolved = {key for key in self.unresolved if key not in {u.key for u in missing}}
+        for key in resolved:
+            self.unresolved.pop(key, None)
+        if missing:
+            views = await loop.run_in_executor(None, discover.scan, self.switcher)
+            for pod in missing:
+                self._adopt_running(pod, discover.match(views, pod.ips))
+        await self._sync_annotations()
+
+    def _adopt_running(self, pod: Unrecorded, found) -> None:
+        """Capture a running pod found by its IP, or report why it cannot be."""
+        if not isinstance(found, discover.PodNetns):
+            problem = (found or f"no network namespace on this node holds {', '.join(pod.ips)}")
+            if self.unresolved.get(pod.key) != problem:
+                log.error("pod %s must be in the mesh but is not captured: %s", pod.key, problem)
+            self.unresolved[pod.key] = problem
+            return
+        old = self.known.get(pod.key)
+        if old is not None and old.uid == pod.uid:
+            return                   # CNI ADD came while we were scanning
+        if old is not None:          # an older pod of the same name
+            self._release(old)
+            self.records.remove(old)
+        rec = PodRecord(namespace=pod.namespace, name=pod.name, uid=pod.uid, container_id="",
+                        netns=found.path, ips=list(found.ips), gateways=list(found.gateways),
+                        reason=pod.reason)
+        self.known[pod.key] = rec
+        try:
+            self._capture(rec)
+        except OSError as exc:
+            self.unresolved[pod.key] = f"capture failed: {exc}"
+            log.error("pod %s: capture of running pod failed: %s", pod.key, exc)
+            self.records.save(rec)
+            return
+        self.unresolved.pop(pod.key, None)
+        log.info("pod %s: running pod captured (%s; network namespace %s)", pod.key, pod.reason, found.path)
+
+    def _drop_vanished(self) -> None:
+        """Forget pods whose network namespace is gone (DEL missed while we were away)."""
+        for key, rec in list(self.known.items()):
+            if not os.path.exists(rec.netns):
+                self._release(rec)
+                self.records.remove(rec)
+                del self.known[key]
+                log.info("pod %s: network namespace %s is gone; forgotten", key, rec.netns)
+
+    def _verify_capture(self) -> None:
+        """Captured pods' BPF state must be whole; what is missing is put back."""
+        for key, pod in self.captured.items():
+            rec = self.known.get(key)
+            if rec is None:
+                continue
+            problems = self.datapath.capture_problems(pod.listeners.cookie, rec.ips)
+            if not problems:
+                continue
+            log.error("pod %s: capture damaged (%s); restoring it", key, "; ".join(problems))
+            try:
+                self.inpod.enable(pod.listeners, rec.ips, rec.gateways)
+            except OSError as exc:
+                self.unresolved[key] = f"capture damaged and could not be restored: {exc}"
+                log.error("pod %s: could not restore capture: %s", key, exc)
+
+    async def _sync_annotations(self) -> None:
+        """Mark captured pods ``ambient.istio.io/redirection: enabled``, unmark the rest.
+
+        Only sources that can write (the Kubernetes API) support it; a failed
+        patch is retried at the next reconcile.
+        """
+        annotate = getattr(self.source, "annotate_pod", None)
+        if annotate is None:
+            return
+        loop = asyncio.get_running_loop()
+        for ns, name, value in annotation_changes(self.state, self.config.node, set(self.captured)):
+            key = f"{ns}/{name}"
+            try:
+                await loop.run_in_executor(None, annotate, ns, name,
+                                           {"ambient.istio.io/redirection": value})
+                self._annotation_errors.pop(key, None)
+            except Exception as exc:  # API down, pod deleted meanwhile: retried later
+                if self._annotation_errors.get(key) != str(exc):
+                    log.warning("pod %s: cannot %s the redirection annotation: %s",
+                                key, "set" if value else "remove", exc)
+                self._annotation_errors[key] = str(exc)
+
     def _on_state(self, state: ClusterState) -> None:
         self.state = state
         self._synced = True
         self.metrics.agent.state_synced(True)
         self._reconcile()
+        self._wake.set()
         # New connections see the new policy at once (the hook reads the
         # current set); open ones it now denies are closed here.
         for pod in self.captured.values():
@@ -348,6 +475,7 @@ class NodeAgent:
             "trust_bundle": self.identities.bundle_status() if self.identities else None,
             "enrolled": [{"pod": key, "netns": rec.netns, "netns_cookie": rec.netns_cookie, "ips": rec.ips,
                           "enrolled": rec.enrolled} for key, rec in sorted(self.known.items())],
+            "not_captured": dict(sorted(self.unresolved.items())),
             "bpf": {"pin_dir": self.config.pin_dir, "cgroup": self.config.cgroup,
                     "attached": self._bpf_ready, "netns_captured": self.datapath.enrolled_netns()
                     if self._bpf_ready else [], "counters": self.datapath.stats() if self._bpf_ready else {}},
@@ -366,6 +494,7 @@ class NodeAgent:
             })
         return {"ok": True, "node": self.config.node, "pods": pods,
                 "state_version": self.state.resource_version,
+                "not_captured": [{"pod": k, "problem": v} for k, v in sorted(self.unresolved.items())],
                 "capture": self.datapath.stats(),
                 "hbone_pool": {"connections": self.plane.pool.connections(),
                                "opened": self.plane.pool.connections_opened},
@@ -400,6 +529,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-addr", default="0.0.0.0:15021", help="readiness listener (/healthz/ready)")
     p.add_argument("--admin-addr", default="127.0.0.1:15000", help="admin listener (config_dump, logging)")
     p.add_argument("--access-log-json", action="store_true", help="access log lines as JSON")
+    p.add_argument("--reconcile-seconds", type=float, default=10.0,
+                   help="period of the full node check (label changes, lost capture, annotations)")
     p.set_defaults(func=_run)
 
 
@@ -418,6 +549,7 @@ def _run(args: argparse.Namespace) -> int:
         token_file=args.token_file, root_namespace=args.root_namespace,
         metrics_addr=_addr(args.metrics_addr), ready_addr=_addr(args.ready_addr),
         admin_addr=_addr(args.admin_addr), access_log_json=args.access_log_json,
+        reconcile_seconds=args.reconcile_seconds,
     )
     if config.ca_address and not (config.ca_root and config.token_file):
         log.error("--ca-address needs --ca-root and --token-file")

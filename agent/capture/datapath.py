@@ -213,6 +213,10 @@ class CaptureDatapath:
         """Inbound capture for one pod: a pinned sk_lookup link on its netns."""
         pin = os.path.join(self.pin_dir, f"link_{cookie}")
         if cookie in self._links:
+            if not os.path.exists(pin):
+                # Attached (we hold the link) but unpinned: an agent restart
+                # would detach it. Pin it again.
+                bpfsys.obj_pin(self._links[cookie], pin)
             return
         if os.path.exists(pin):
             fd = bpfsys.obj_get(pin)
@@ -269,6 +273,25 @@ class CaptureDatapath:
 
     def clear_outbound(self, cookie: int) -> None:
         bpfsys.map_delete(self._maps["pod_config"], ctypes.c_uint64(cookie))
+
+    def capture_problems(self, cookie: int, ips: list[str]) -> list[str]:
+        """What is missing from one captured pod's BPF state (empty: intact).
+
+        The agent checks this periodically: state wiped by hand, by a crashed
+        tool or by anything else must not leave a pod marked as captured while
+        its traffic bypasses the listeners.
+        """
+        problems = []
+        if not bpfsys.map_lookup(self._maps["pod_config"], ctypes.c_uint64(cookie), PodConfig()):
+            problems.append("outbound capture (pod_config entry) missing")
+        if not os.path.exists(os.path.join(self.pin_dir, f"link_{cookie}")):
+            problems.append("inbound sk_lookup link pin missing")
+        for ip in ips:
+            family, words = _ip_words(ip)
+            if not bpfsys.map_lookup(self._maps["inbound_config"],
+                                     AddrKey(family, (ctypes.c_uint32 * 4)(*words)), InboundConfig()):
+                problems.append(f"inbound steering for {ip} (inbound_config entry) missing")
+        return problems
 
     def original_destination(self, netns: int, peer_ip: str, peer_port: int) -> OriginalDestination | None:
         """Where a connection accepted by an outbound listener was headed; consumes the entry."""

@@ -47,3 +47,80 @@ def plan(records: list[PodRecord], state, excluded=DEFAULT_EXCLUDED) -> list[Cha
         if decision.enrolled != rec.enrolled:
             changes.append(Change(rec, decision.enrolled, decision.reason))
     return changes
+
+
+# -- pods the agent has no record of --------------------------------------------------
+
+# Istio's annotation for "this pod's traffic is captured"; the agent sets it
+# on the pods it captures and removes it from the pods it does not.
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+REDIRECTION_ENABLED = "enabled"
+
+
+def _pod_key(pod: dict) -> str:
+    meta = pod.get("metadata") or {}
+    return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+
+def _pod_ips(pod: dict) -> list[str]:
+    status = pod.get("status") if isinstance(pod.get("status"), dict) else {}
+    ips = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, dict) and p.get("ip")]
+    if not ips and status.get("podIP"):
+        ips = [status["podIP"]]
+    return [ip for ip in ips if isinstance(ip, str)]
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """A pod of this node that must be captured but that CNI never told us about."""
+    namespace: str
+    name: str
+    uid: str
+    ips: tuple[str, ...]
+    reason: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def unrecorded(state, node: str, records: dict[str, PodRecord],
+               excluded=DEFAULT_EXCLUDED) -> list[Unrecorded]:
+    """Pods on ``node`` the rule enrols that have no record (or a record of an
+    older pod of the same name): their network namespace must be found.
+
+    Only pods that have an IP: before that, the runtime is still setting the
+    sandbox up and CNI ADD is on its way (or the pod has finished).
+    """
+    found = []
+    for pod in state.pods_on_node(node):
+        ns, name = _pod_key(pod).split("/", 1)
+        uid = str((pod.get("metadata") or {}).get("uid") or "")
+        ips = _pod_ips(pod)
+        if not ips or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        rec = records.get(f"{ns}/{name}")
+        if rec is not None and (not uid or not rec.uid or rec.uid == uid):
+            continue
+        decision = decide(pod, state.namespace(ns), excluded)
+        if decision.enrolled:
+            found.append(Unrecorded(ns, name, uid, tuple(ips), decision.reason))
+    return found
+
+
+def annotation_changes(state, node: str, captured: set[str]) -> list[tuple[str, str, str | None]]:
+    """``(namespace, name, value)`` patches that make the redirection
+    annotation of this node's pods say the truth: ``enabled`` exactly on the
+    pods the agent captures (value None removes it).
+    """
+    changes = []
+    for pod in state.pods_on_node(node):
+        key = _pod_key(pod)
+        ns, name = key.split("/", 1)
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        current = annotations.get(REDIRECTION_ANNOTATION) if isinstance(annotations, dict) else None
+        if key in captured and current != REDIRECTION_ENABLED:
+            changes.append((ns, name, REDIRECTION_ENABLED))
+        elif key not in captured and current is not None:
+            changes.append((ns, name, None))
+    return changes
