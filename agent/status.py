@@ -45,6 +45,12 @@ def render(status: dict, now: float | None = None, denials: int = 10) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    missing = status.get("not_captured") or []
+    if missing:
+        lines.append("")
+        lines.append("MUST BE IN THE MESH BUT NOT CAPTURED:")
+        for m in missing:
+            lines.append(f"  {m.get('pod')}: {m.get('problem')}")
     refused = [(pod, r) for pod in status.get("pods", []) for r in pod.get("connections", [])
                if str(r.get("outcome", "")).startswith("refused")]
     refused.sort(key=lambda pr: pr[1].get("started", 0))

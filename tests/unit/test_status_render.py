@@ -38,3 +38,12 @@ def test_expired_and_empty():
     expired = dict(STATUS, certificates=[dict(STATUS["certificates"][0], not_after=10)])
     assert "EXPIRED" in render(expired, now=1000)
     assert render({"node": "n", "pods": []}).endswith("recent denials: none")
+
+
+def test_pods_that_should_be_captured_but_are_not_stand_out():
+    text = render(dict(STATUS, not_captured=[{"pod": "mesh/lost", "problem": "no network namespace on "
+                                              "this node holds 198.18.1.9"}]), now=1000)
+    lines = text.splitlines()
+    at = lines.index("MUST BE IN THE MESH BUT NOT CAPTURED:")
+    assert lines[at + 1] == "  mesh/lost: no network namespace on this node holds 198.18.1.9"
+    assert "NOT CAPTURED" not in render(STATUS, now=1000)
