@@ -1,8 +1,14 @@
-"""Who is calling the CA: bearer tokens -> the node an agent serves.
+"""Who is calling the CA: bearer tokens -> the caller's node (and service account).
 
-``Authenticator`` is the seam: the lab uses a token file; Kubernetes
-TokenReview (a node agent's projected service-account token, bound to its
-pod and so to its node) will be another implementation.
+``Authenticator`` is the seam: the lab uses a token file
+(``TokenFileAuthenticator``, here); in a cluster the CA reviews projected
+service-account tokens with the API server (``TokenReviewAuthenticator`` in
+``agent.identity.kubeauth``: the token is bound to a pod, so to a node).
+
+Two ways to fail, kept apart so a caller can tell "refused" from "try
+again": ``AuthenticationError`` (the token is not good: UNAUTHENTICATED) and
+``AuthenticationUnavailable`` (the CA could not decide, e.g. the API server
+is down: UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Protocol, Sequence
 
 import yaml
 
+from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, IdentityError, WorkloadIdentity
+
 log = logging.getLogger(__name__)
 
 
@@ -22,19 +30,69 @@ class AuthenticationError(Exception):
     """The caller could not be authenticated (the message is safe to return: it never holds a token)."""
 
 
+class AuthenticationUnavailable(Exception):
+    """The caller's token could not be checked right now (the message never holds a token)."""
+
+
 class AuthConfigError(ValueError):
     """The authenticator's configuration (e.g. the token file) is unusable."""
 
 
+@dataclass(frozen=True, order=True)
+class ServiceAccount:
+    """A Kubernetes service account; names validated like a SPIFFE ID's parts."""
+
+    namespace: str
+    name: str
+
+    def __post_init__(self) -> None:
+        # The same rules a WorkloadIdentity applies, so every account we
+        # accept has a well-formed SPIFFE ID.
+        WorkloadIdentity(DEFAULT_TRUST_DOMAIN, self.namespace, self.name)
+
+    def identity(self, trust_domain: str) -> WorkloadIdentity:
+        return WorkloadIdentity(trust_domain, self.namespace, self.name)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_service_account(text: str) -> ServiceAccount:
+    """``namespace/name`` -> ServiceAccount, or ValueError saying what is wrong."""
+    namespace, sep, name = str(text).partition("/")
+    if not sep or not namespace or not name:
+        raise ValueError(f"service account {text!r}: expected NAMESPACE/NAME")
+    try:
+        return ServiceAccount(namespace, name)
+    except IdentityError as exc:
+        raise ValueError(f"service account {text!r}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Caller:
-    node: str        # the node whose agent is calling
+    """Who is calling, as established by an Authenticator.
+
+    ``service_account`` is the Kubernetes service account the caller proved
+    (TokenReview). ``None`` means the caller was recognised as a node agent
+    by a means that names no account: the lab's token file, whose entries
+    are, by definition, node agents' tokens.
+    """
+
+    node: str        # the node the caller runs on
     principal: str   # how it was recognised, for logs ("token-file:<path>")
+    service_account: ServiceAccount | None = None
+
+    def describe(self) -> str:
+        """For logs: who called, from which node, recognised how (never a token)."""
+        if self.service_account is None:
+            return f"node agent for {self.node!r} ({self.principal})"
+        return f"service account {self.service_account} on node {self.node!r} ({self.principal})"
 
 
 class Authenticator(Protocol):
     async def authenticate(self, token: str) -> Caller:
-        """The caller a bearer token belongs to, or AuthenticationError."""
+        """The caller a bearer token belongs to; AuthenticationError if the token
+        is not good, AuthenticationUnavailable if that cannot be decided now."""
         ...
 
 

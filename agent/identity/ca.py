@@ -4,10 +4,15 @@ Node agents ask it for their pods' workload certificates. Each request
 goes through, in order:
 
 1. authentication: ``authorization: Bearer <token>`` -> the caller's node
-   (UNAUTHENTICATED otherwise);
-2. authorisation: the ``ImpersonatedIdentity`` request metadata names a
-   SPIFFE ID of this trust domain whose service account runs in a pod on
-   the caller's node (PERMISSION_DENIED otherwise);
+   and service account (UNAUTHENTICATED otherwise; UNAVAILABLE when the
+   token cannot be checked now, e.g. the Kubernetes API is down). Tokens
+   come from a file (lab) or are reviewed by Kubernetes (``--tokens kube``,
+   ``agent.identity.kubeauth``);
+2. authorisation (``agent.identity.policy.authorise``): a node agent's
+   ``ImpersonatedIdentity`` request metadata names a SPIFFE ID of this trust
+   domain whose service account runs in a pod on the caller's node; any
+   other service account may have only its own identity, and only while a
+   pod running as it is on its node (PERMISSION_DENIED otherwise);
 3. the CSR: well formed, self-signed, allowed key, and asking for exactly
    that SPIFFE ID (INVALID_ARGUMENT otherwise);
 4. signing: a leaf for the SPIFFE ID with the requested lifetime, clamped
@@ -31,8 +36,9 @@ from typing import Callable
 import grpc
 
 from agent.identity import pki
-from agent.identity.authn import (AuthenticationError, Authenticator, TokenFileAuthenticator,
-                                  bearer_token)
+from agent.identity.authn import (AuthConfigError, AuthenticationError, AuthenticationUnavailable,
+                                  Authenticator, ServiceAccount, TokenFileAuthenticator, bearer_token,
+                                  parse_service_account)
 from agent.identity.material import (DirectorySigningSource, SigningMaterial,
                                      SigningMaterialSource, write_public_file)
 from agent.identity.policy import (IMPERSONATED_IDENTITY, AuthorisationError, CsrError, TtlError,
@@ -64,10 +70,16 @@ class Refusal(Exception):
         self.message = message
 
 
+# The node agent's service account as the chart names it (release
+# "ambient-agent" in istio-system); the chart passes the real one.
+DEFAULT_NODE_AGENT_ACCOUNT = "istio-system/ambient-agent"
+TOKENS_KUBE = "kube"
+
+
 @dataclass
 class CaConfig:
     ca_dir: str
-    tokens: str
+    tokens: str                                  # token file path, or "kube" (TokenReview)
     state: str                                   # state source URL, file:PATH
     listen: str = DEFAULT_LISTEN
     trust_domain: str = DEFAULT_TRUST_DOMAIN
@@ -76,6 +88,9 @@ class CaConfig:
     serving_names: tuple[str, ...] = DEFAULT_SERVING_NAMES
     root_cert_out: str | None = None
     state_poll_interval: float = 0.2
+    kubeconfig: str | None = None                # --tokens kube: None means in-cluster
+    audience: str = "istio-ca"                   # --tokens kube: the token audience required
+    node_agent_account: str = DEFAULT_NODE_AGENT_ACCOUNT   # NAMESPACE/NAME that may impersonate
 
 
 def _impersonated(request: ca_pb2.IstioCertificateRequest) -> str | None:
@@ -95,9 +110,11 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
     def __init__(self, material: SigningMaterial, authenticator: Authenticator,
                  state: Callable[[], ClusterState], trust_domain: str,
                  default_ttl: int = DEFAULT_TTL, max_ttl: int = DEFAULT_MAX_TTL,
-                 clock: Callable[[], dt.datetime] = pki.utcnow) -> None:
+                 clock: Callable[[], dt.datetime] = pki.utcnow,
+                 node_agent: ServiceAccount | None = None) -> None:
         self.material = material
         self.authenticator = authenticator
+        self.node_agent = node_agent
         self.state = state
         self.trust_domain = trust_domain
         self.default_ttl = default_ttl
@@ -113,9 +130,13 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
                 who = await self.authenticator.authenticate(token)
             except AuthenticationError as exc:
                 raise Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
-            caller = f"node agent for {who.node!r} ({who.principal})"
+            except AuthenticationUnavailable as exc:
+                # Not a verdict on the token: the caller should retry, not give up.
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            caller = who.describe()
             try:
-                identity = authorise(who.node, _impersonated(request), self.state(), self.trust_domain)
+                identity = authorise(who, _impersonated(request), self.state(), self.trust_domain,
+                                     self.node_agent)
             except AuthorisationError as exc:
                 raise Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
             try:
@@ -149,6 +170,7 @@ class CaServer:
         self._source = FileStateSource(parse_state_url(config.state))
         self._state = ClusterState.from_items([])
         self._server: grpc.aio.Server | None = None
+        self._owned_authenticator: Authenticator | None = None
         self._watcher: asyncio.Task | None = None
         self.material: SigningMaterial | None = None
         self.port = 0
@@ -174,8 +196,14 @@ class CaServer:
             log.warning("default TTL %d s is above the maximum %d s: certificates get %d s",
                         self.config.default_ttl, self.config.max_ttl, self.config.max_ttl)
         check_trust_domain(self.config.trust_domain)
+        try:
+            node_agent = parse_service_account(self.config.node_agent_account)
+        except ValueError as exc:
+            raise AuthConfigError(f"node agent service account: {exc}") from None
         # Cheap checks first, so a typo in a flag does not leave a new root behind.
-        authenticator = self._authenticator or TokenFileAuthenticator(self.config.tokens)
+        authenticator = self._authenticator
+        if authenticator is None:
+            authenticator = self._owned_authenticator = self._make_authenticator()
         self._state = self._source.load()
         self.material = self._material_source.load()
 
@@ -189,7 +217,7 @@ class CaServer:
 
         service = CertificateService(self.material, authenticator, lambda: self._state,
                                      self.config.trust_domain, self.config.default_ttl,
-                                     self.config.max_ttl)
+                                     self.config.max_ttl, node_agent=node_agent)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             # A second CA on the same port must fail, not share the port silently.
@@ -214,6 +242,12 @@ class CaServer:
                  self.material.cert.subject.rfc4514_string(), root.subject.rfc4514_string(),
                  self.config.root_cert_out or f"{self.config.ca_dir}/root-cert.pem")
 
+    def _make_authenticator(self) -> Authenticator:
+        if self.config.tokens == TOKENS_KUBE:
+            from agent.identity.kubeauth import TokenReviewAuthenticator, api_client
+            return TokenReviewAuthenticator(api_client(self.config.kubeconfig), self.config.audience)
+        return TokenFileAuthenticator(self.config.tokens)
+
     async def stop(self, grace: float | None = None) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
@@ -225,6 +259,10 @@ class CaServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        close = getattr(self._owned_authenticator, "close", None)
+        if close is not None:
+            close()
+            self._owned_authenticator = None
 
     async def run(self, grace: float = 5.0) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop (in-flight requests get ``grace`` seconds)."""

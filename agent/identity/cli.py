@@ -30,7 +30,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Istio cacerts directory (ca-cert.pem, ca-key.pem, root-cert.pem, "
                         "cert-chain.pem); an empty one gets a new self-signed root")
     p.add_argument("--tokens", required=True,
-                   help="YAML/JSON file mapping each node agent's bearer token to its node name")
+                   help="'kube': review callers' projected service-account tokens with the Kubernetes "
+                        "API (TokenReview); otherwise a YAML/JSON file mapping each node agent's "
+                        "bearer token to its node name (the lab; use ./kube for a file named kube)")
+    p.add_argument("--kubeconfig", metavar="PATH",
+                   help="with --tokens kube: kubeconfig to reach the API (default: in-cluster "
+                        "configuration)")
+    p.add_argument("--token-audience", default="istio-ca",
+                   help="with --tokens kube: audience callers' tokens must be valid for "
+                        "(default: %(default)s)")
+    p.add_argument("--node-agent-service-account", default="istio-system/ambient-agent",
+                   metavar="NAMESPACE/NAME",
+                   help="with --tokens kube: the node agents' service account, the only one that "
+                        "may request other identities (ImpersonatedIdentity) for pods on its node; "
+                        "any other account gets only its own identity (default: %(default)s)")
     p.add_argument("--state", required=True, help="cluster state source (file:PATH)")
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
     p.add_argument("--default-ttl", type=_duration, default="24h",
@@ -59,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
         ca_dir=args.ca_dir, tokens=args.tokens, state=args.state, listen=args.listen,
         trust_domain=args.trust_domain, default_ttl=args.default_ttl, max_ttl=args.max_ttl,
         serving_names=tuple(args.sans) if args.sans else DEFAULT_SERVING_NAMES,
-        root_cert_out=args.root_cert_out,
+        root_cert_out=args.root_cert_out, kubeconfig=args.kubeconfig, audience=args.token_audience,
+        node_agent_account=args.node_agent_service_account,
     )
     try:
         asyncio.run(CaServer(config).run())

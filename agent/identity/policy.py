@@ -1,7 +1,7 @@
 """The CA's decisions, as pure functions: who may have which identity, is a
 CSR acceptable, how long a certificate lives.
 
-No gRPC here: refusals are exceptions the server maps to status codes
+No gRPC and no I/O here: refusals are exceptions the server maps to status codes
 (``AuthorisationError`` -> PERMISSION_DENIED, ``CsrError`` and ``TtlError``
 -> INVALID_ARGUMENT), so the rules can be tested as tables.
 """
@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agent.identity.authn import Caller, ServiceAccount
 from agent.identity.spiffe import IdentityError, WorkloadIdentity, identity_of_pod, parse_spiffe_uri
 from agent.state.model import ClusterState
 
@@ -42,14 +43,48 @@ class TtlError(ValueError):
     """The requested validity is unacceptable."""
 
 
-def authorise(node: str, impersonated: str | None, state: ClusterState,
-              trust_domain: str) -> WorkloadIdentity:
-    """The identity a node agent for ``node`` may have signed, or AuthorisationError.
+def authorise(caller: Caller, impersonated: str | None, state: ClusterState, trust_domain: str,
+              node_agent: ServiceAccount | None = None) -> WorkloadIdentity:
+    """The identity ``caller`` may have signed, or AuthorisationError.
 
-    A node agent holds the keys of every pod on its node, so it may speak for
-    exactly the service accounts of pods scheduled there, and no others: a
-    compromised node must not be able to mint identities of other nodes' pods.
+    Two kinds of caller:
+
+    * A node agent: ``caller.service_account`` is ``node_agent`` (TokenReview),
+      or None (the lab's token file, which lists only node agents). It holds
+      the keys of every pod on its node, so it may speak for exactly the
+      service accounts of pods scheduled there, and no others: a compromised
+      node must not be able to mint identities of other nodes' pods. It must
+      name the identity (``ImpersonatedIdentity``).
+    * Any other service account: it may never impersonate. Without
+      ``ImpersonatedIdentity`` (or naming its own SPIFFE ID) it gets its own
+      identity, and only while a pod running as that account is on the node
+      its token is bound to: a token copied off a deleted or finished pod
+      mints nothing. Naming any other identity is refused outright, even one
+      that runs on the same node.
     """
+    account = caller.service_account
+    if account is None or account == node_agent:
+        return _authorise_node_agent(caller.node, impersonated, state, trust_domain)
+    try:
+        own = account.identity(trust_domain)
+    except IdentityError as exc:    # unreachable with a valid trust domain; refuse, do not crash
+        raise AuthorisationError(f"service account {account}: {exc}") from None
+    if impersonated and impersonated != own.uri:
+        agent = f" ({node_agent})" if node_agent is not None else ""
+        raise AuthorisationError(
+            f"service account {account} is not the node agent's service account{agent}, so it may "
+            f"not impersonate: it asked for {impersonated!r} in {IMPERSONATED_IDENTITY!r}; it may "
+            f"request only its own identity {own.uri}")
+    if not _runs_on(caller.node, own, state, trust_domain):
+        raise AuthorisationError(
+            f"node {caller.node!r} runs no pod with service account {own.service_account!r} in "
+            f"namespace {own.namespace!r}, so service account {account} calling from it may not "
+            f"have identity {own.uri}")
+    return own
+
+
+def _authorise_node_agent(node: str, impersonated: str | None, state: ClusterState,
+                          trust_domain: str) -> WorkloadIdentity:
     if not impersonated:
         raise AuthorisationError(
             f"node agent for {node!r} did not name the identity it requests "
@@ -63,17 +98,24 @@ def authorise(node: str, impersonated: str | None, state: ClusterState,
         raise AuthorisationError(
             f"identity {identity.uri} is in trust domain {identity.trust_domain!r}; "
             f"this CA signs only for {trust_domain!r}")
+    if _runs_on(node, identity, state, trust_domain):
+        return identity
+    raise AuthorisationError(
+        f"node {node!r} runs no pod with service account {identity.service_account!r} in "
+        f"namespace {identity.namespace!r}, so its agent may not have identity {identity.uri}")
+
+
+def _runs_on(node: str, identity: WorkloadIdentity, state: ClusterState, trust_domain: str) -> bool:
+    """Whether a pod that has not finished runs as ``identity`` on ``node``."""
     for pod in state.pods_on_node(node):
         if (pod.get("status") or {}).get("phase") in _FINISHED_PHASES:
             continue
         try:
             if identity_of_pod(pod, trust_domain) == identity:
-                return identity
+                return True
         except IdentityError:
             continue    # a pod with an impossible service account name runs as nobody
-    raise AuthorisationError(
-        f"node {node!r} runs no pod with service account {identity.service_account!r} in "
-        f"namespace {identity.namespace!r}, so its agent may not have identity {identity.uri}")
+    return False
 
 
 def validate_csr(pem: str | bytes, expected: WorkloadIdentity) -> x509.CertificateSigningRequest:

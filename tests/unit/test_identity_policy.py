@@ -6,6 +6,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from agent.identity import pki
+from agent.identity.authn import Caller, ServiceAccount, parse_service_account
 from agent.identity.policy import (AuthorisationError, CsrError, TtlError, authorise, clamp_ttl,
                                    parse_duration, validate_csr)
 from agent.identity.spiffe import WorkloadIdentity
@@ -56,26 +57,110 @@ AUTHORISE = [
 ]
 
 
-@pytest.mark.parametrize("node,impersonated,expected", AUTHORISE)
-def test_authorise(node, impersonated, expected):
+AGENT = ServiceAccount("istio-system", "ambient-agent")
+
+
+def node_agent(node: str, account: ServiceAccount | None = None) -> Caller:
+    """A node agent: from the lab's token file (no account) or TokenReview (the agent's account)."""
+    return Caller(node=node, principal="test", service_account=account)
+
+
+def check(caller, impersonated, expected, state=STATE):
     if expected.startswith("spiffe://"):
-        assert authorise(node, impersonated, STATE, TD).uri == expected
+        assert authorise(caller, impersonated, state, TD, AGENT).uri == expected
     else:
         with pytest.raises(AuthorisationError) as err:
-            authorise(node, impersonated, STATE, TD)
+            authorise(caller, impersonated, state, TD, AGENT)
         assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("node,impersonated,expected", AUTHORISE)
+def test_node_agent_from_the_token_file(node, impersonated, expected):
+    check(node_agent(node), impersonated, expected)
+
+
+@pytest.mark.parametrize("node,impersonated,expected", AUTHORISE)
+def test_node_agent_by_service_account_has_the_same_rules(node, impersonated, expected):
+    check(node_agent(node, AGENT), impersonated, expected)
+
+
+# A caller authenticated as some service account other than the node agent's.
+WORKLOAD_STATE = ClusterState.from_items(list(STATE.pods.values()) + [
+    pod("api-2", "backend", "node-b", "api"),
+    pod("old", "batch", "node-b", "job", phase="Succeeded"),
+])
+
+WORKLOAD = [
+    # node, (namespace, service account), impersonated, expected URI or error fragment
+    # Its own identity, asked for implicitly or by name, while a pod runs as it on its node.
+    ("node-a", ("backend", "api"), None, "spiffe://cluster.local/ns/backend/sa/api"),
+    ("node-a", ("backend", "api"), "", "spiffe://cluster.local/ns/backend/sa/api"),
+    ("node-a", ("backend", "api"), "spiffe://cluster.local/ns/backend/sa/api",
+     "spiffe://cluster.local/ns/backend/sa/api"),
+    ("node-b", ("backend", "api"), None, "spiffe://cluster.local/ns/backend/sa/api"),
+    ("node-a", ("tools", "default"), None, "spiffe://cluster.local/ns/tools/sa/default"),
+    # Impersonation by anyone but the node agent: refused, even for a pod on its node.
+    ("node-a", ("backend", "api"), "spiffe://cluster.local/ns/tools/sa/default",
+     "service account backend/api is not the node agent's service account "
+     "(istio-system/ambient-agent), so it may not impersonate"),
+    ("node-a", ("backend", "api"), "spiffe://cluster.local/ns/frontend/sa/web",
+     "may request only its own identity spiffe://cluster.local/ns/backend/sa/api"),
+    ("node-a", ("backend", "api"), "spiffe://other.domain/ns/backend/sa/api", "may not impersonate"),
+    ("node-a", ("backend", "api"), "backend/api", "may not impersonate"),
+    # An account named like the agent's in another namespace is not the agent.
+    ("node-a", ("default", "ambient-agent"), "spiffe://cluster.local/ns/backend/sa/api",
+     "service account default/ambient-agent is not the node agent's"),
+    # Its own identity, but no live pod runs as it on its node.
+    ("node-b", ("tools", "default"), None,
+     "node 'node-b' runs no pod with service account 'default' in namespace 'tools', so service "
+     "account tools/default calling from it may not have identity spiffe://cluster.local/ns/tools/sa/default"),
+    ("node-b", ("batch", "job"), None, "runs no pod"),                          # Succeeded only
+    ("node-c", ("backend", "api"), None, "node 'node-c' runs no pod"),
+]
+
+
+@pytest.mark.parametrize("node,account,impersonated,expected", WORKLOAD)
+def test_other_service_accounts_get_only_their_own_identity(node, account, impersonated, expected):
+    caller = Caller(node=node, principal="test", service_account=ServiceAccount(*account))
+    check(caller, impersonated, expected, WORKLOAD_STATE)
+
+
+def test_without_a_configured_agent_account_no_service_account_impersonates():
+    caller = Caller(node="node-a", principal="test", service_account=AGENT)
+    with pytest.raises(AuthorisationError, match="may not impersonate"):
+        authorise(caller, "spiffe://cluster.local/ns/backend/sa/api", STATE, TD, None)
 
 
 def test_refusal_names_identity_and_node():
     with pytest.raises(AuthorisationError) as err:
-        authorise("node-b", "spiffe://cluster.local/ns/backend/sa/api", STATE, TD)
+        authorise(node_agent("node-b"), "spiffe://cluster.local/ns/backend/sa/api", STATE, TD)
     assert "spiffe://cluster.local/ns/backend/sa/api" in str(err.value)
     assert "node-b" in str(err.value)
 
 
 def test_empty_cluster_authorises_nobody():
     with pytest.raises(AuthorisationError):
-        authorise("node-a", "spiffe://cluster.local/ns/backend/sa/api", ClusterState(), TD)
+        authorise(node_agent("node-a"), "spiffe://cluster.local/ns/backend/sa/api", ClusterState(), TD)
+    with pytest.raises(AuthorisationError):
+        authorise(Caller("node-a", "test", ServiceAccount("backend", "api")), None, ClusterState(), TD)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("istio-system/ambient-agent", ServiceAccount("istio-system", "ambient-agent")),
+    ("ns/sa.with.dots", ServiceAccount("ns", "sa.with.dots")),
+    ("ambient-agent", "expected NAMESPACE/NAME"),
+    ("/ambient-agent", "expected NAMESPACE/NAME"),
+    ("istio-system/", "expected NAMESPACE/NAME"),
+    ("Istio/agent", "not a DNS-1123 label"),
+    ("ns/a/b", "not a DNS-1123 subdomain"),
+])
+def test_parse_service_account(text, expected):
+    if isinstance(expected, ServiceAccount):
+        assert parse_service_account(text) == expected
+        assert str(expected) == text
+    else:
+        with pytest.raises(ValueError, match=expected):
+            parse_service_account(text)
 
 
 # -- CSRs -----------------------------------------------------------------------
