@@ -438,6 +438,7 @@ class NodeAgent:
         m = self.metrics
         m.tcp.sync_live()
         m.agent.enrolled_pods.set(len(self.captured))
+        m.agent.pods_not_captured.set(len(self.unresolved))
         m.agent.set_listeners({"outbound": sum(len(p.listeners.outbound) for p in self.captured.values()),
                                "inbound": len(self.captured), "hbone": len(self.captured)})
         m.agent.bpf_programs.set(3 + len(self.captured) if self._bpf_ready else 0)

@@ -379,6 +379,10 @@ class AgentMetrics:
                                    "1 if the last cluster state load succeeded, else 0", registry=registry)
         self.state_sync_lag = Gauge("ambient_agent_state_sync_lag_seconds",
                                     "Seconds since the cluster state was last applied", registry=registry)
+        self.pods_not_captured = Gauge(
+            "ambient_agent_pods_not_captured",
+            "Pods of this node the enrolment rule puts in the mesh that the agent could not capture "
+            "(alert on > 0: their traffic is not meshed)", registry=registry)
         self.policy_rejected = Gauge("ambient_agent_policy_objects_rejected",
                                      "Policy objects rejected by the parser in the current state",
                                      registry=registry)

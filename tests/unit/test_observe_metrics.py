@@ -166,6 +166,7 @@ def test_agent_health_metrics():
     a.ca_request("ok")
     a.ca_request("error")
     a.policy_rejected.set(2)
+    a.pods_not_captured.set(1)
     a.set_certificates({WEB_ID: 1000.0 + 3600, DB_ID: 900.0, "spiffe://cluster.local/ns/x/sa/y": None})
     a.state_synced(True)
     now[0] = 1012.5
@@ -176,6 +177,7 @@ def test_agent_health_metrics():
     assert sample(text, "ambient_agent_ca_requests_total", result="ok") == 2
     assert sample(text, "ambient_agent_ca_requests_total", result="error") == 1
     assert sample(text, "ambient_agent_policy_objects_rejected") == 2
+    assert sample(text, "ambient_agent_pods_not_captured") == 1
     assert sample(text, "ambient_agent_certificate_expiry_seconds", identity=WEB_ID) == 3600 - 12.5
     assert sample(text, "ambient_agent_certificate_expiry_seconds", identity=DB_ID) == -112.5
     assert sample(text, "ambient_agent_certificate_expiry_seconds",
