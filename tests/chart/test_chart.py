@@ -365,6 +365,14 @@ def test_ca_deployment_and_service(default_docs):
     assert pod["serviceAccountName"] == f"{RELEASE}-ambient-agent-ca"
 
 
+def test_ca_trusts_exactly_the_agents_service_account_and_token_audience(default_docs):
+    args = _container(_one(default_docs, "Deployment")["spec"]["template"]["spec"], "ca")["args"]
+    agent_sa = _agent_pod(default_docs)["serviceAccountName"]
+    assert args[args.index("--tokens") + 1] == "kube"
+    assert args[args.index("--node-agent-service-account") + 1] == f"{NAMESPACE}/{agent_sa}"
+    assert args[args.index("--token-audience") + 1] == "istio-ca"
+
+
 # --- Dockerfile (no tools needed) -------------------------------------------------------------------
 
 def test_dockerfile():
