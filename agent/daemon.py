@@ -60,6 +60,10 @@ class AgentConfig:
     # How often every pod of the node is checked against the rule and its BPF
     # state (state changes trigger a check at once as well).
     reconcile_seconds: float = 10.0
+    # The host's /proc (pod processes' network namespaces) and the runtime's
+    # pinned network namespaces, for finding running pods.
+    host_proc: str = "/proc"
+    netns_dirs: tuple[str, ...] = discover.PINNED_NETNS_DIRS
 
 
 @dataclass
@@ -286,7 +290,8 @@ class NodeAgent:
         for key in resolved:
             self.unresolved.pop(key, None)
         if missing:
-            views = await loop.run_in_executor(None, discover.scan, self.switcher)
+            views = await loop.run_in_executor(None, discover.scan, self.switcher,
+                                               self.config.host_proc, self.config.netns_dirs)
             for pod in missing:
                 self._adopt_running(pod, discover.match(views, pod.ips))
         await self._sync_annotations()
@@ -532,6 +537,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log-json", action="store_true", help="access log lines as JSON")
     p.add_argument("--reconcile-seconds", type=float, default=10.0,
                    help="period of the full node check (label changes, lost capture, annotations)")
+    p.add_argument("--host-proc", default="/proc",
+                   help="the host's /proc, to find running pods' network namespaces")
+    p.add_argument("--netns-dir", action="append", dest="netns_dirs",
+                   help="directory of pinned pod network namespaces (repeatable; "
+                        f"default {' and '.join(discover.PINNED_NETNS_DIRS)})")
     p.set_defaults(func=_run)
 
 
@@ -550,7 +560,8 @@ def _run(args: argparse.Namespace) -> int:
         token_file=args.token_file, root_namespace=args.root_namespace,
         metrics_addr=_addr(args.metrics_addr), ready_addr=_addr(args.ready_addr),
         admin_addr=_addr(args.admin_addr), access_log_json=args.access_log_json,
-        reconcile_seconds=args.reconcile_seconds,
+        reconcile_seconds=args.reconcile_seconds, host_proc=args.host_proc,
+        netns_dirs=tuple(args.netns_dirs) if args.netns_dirs else discover.PINNED_NETNS_DIRS,
     )
     if config.ca_address and not (config.ca_root and config.token_file):
         log.error("--ca-address needs --ca-root and --token-file")

@@ -146,9 +146,13 @@ def match(views: Iterable[NetnsView], pod_ips: Iterable[str]) -> PodNetns | None
 # -- the scan -------------------------------------------------------------------------
 
 def _candidates(proc: str = "/proc", pinned_dirs=PINNED_NETNS_DIRS) -> dict[tuple[int, int], str]:
-    """One path per network namespace on the host, pinned names first."""
+    """One path per network namespace on the host, pinned names first.
+
+    ``proc`` is the host's /proc: in a container without hostPID the host's
+    is mounted elsewhere (the chart mounts it at /host/proc).
+    """
     seen: dict[tuple[int, int], str] = {}
-    own = os.stat(f"{proc}/self/ns/net")
+    own = os.stat("/proc/self/ns/net")
     skip = (own.st_dev, own.st_ino)
     paths: list[str] = []
     for directory in pinned_dirs:
@@ -183,10 +187,11 @@ def _read_inside() -> tuple[str, str, str, str]:
     return texts[0], texts[1], texts[2], texts[3]
 
 
-def scan(switcher: NetnsSwitcher) -> list[NetnsView]:
+def scan(switcher: NetnsSwitcher, proc: str = "/proc",
+         pinned_dirs=PINNED_NETNS_DIRS) -> list[NetnsView]:
     """Every network namespace on the host but ours, with its addresses."""
     views = []
-    for path in _candidates().values():
+    for path in _candidates(proc, pinned_dirs).values():
         try:
             fd = open_netns(path)
         except NetnsError:

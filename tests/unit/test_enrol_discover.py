@@ -1,5 +1,7 @@
 """Parsers behind live enrolment's network-namespace discovery (text from a real 6.18 kernel)."""
 
+import os
+
 import pytest
 
 from agent.enrol.discover import (NetnsView, default_gateway_v4, default_gateway_v6, local_ipv4,
@@ -101,3 +103,19 @@ def test_match(views, ips, expected):
         assert isinstance(result, str) and "2 network namespaces" in result
     else:
         assert (result.path, result.ips, result.gateways) == expected
+
+
+def test_candidates_one_path_per_namespace_pinned_names_first(tmp_path):
+    from agent.enrol.discover import _candidates
+    pinned = tmp_path / "netns"
+    pinned.mkdir()
+    (pinned / "pod-a").write_text("")
+    proc = tmp_path / "proc"
+    for pid in ("10", "11", "12"):
+        (proc / pid / "ns").mkdir(parents=True)
+    os.link(pinned / "pod-a", proc / "10" / "ns" / "net")    # pod-a's pause process
+    (proc / "11" / "ns" / "net").write_text("")
+    os.link(proc / "11" / "ns" / "net", proc / "12" / "ns" / "net")   # two processes, one namespace
+    (proc / "self").mkdir()
+    found = sorted(_candidates(str(proc), [str(pinned), str(tmp_path / "absent")]).values())
+    assert found == sorted([str(pinned / "pod-a"), str(proc / "11" / "ns" / "net")])
