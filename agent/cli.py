@@ -18,11 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from agent import daemon, status
+    from agent.capture import cli as capture_cli
     from agent.identity import cli as ca_cli
     from agent.lab import cli as lab_cli
     from agent.policy import cli as policy_cli
 
     daemon.add_parser(sub)
+    capture_cli.add_parser(sub)
     ca_cli.add_parser(sub)
     lab_cli.add_parser(sub)
     policy_cli.add_parser(sub)

@@ -12,11 +12,12 @@ import ctypes
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from agent.capture import bpfsys
-from agent.capture.datapath import teardown
 from agent.lab.lab import Lab
 from tests.lab.conftest import agent_pod, connect, counters, settle, unique_name, wait_for
 
@@ -112,8 +113,11 @@ def test_pod_started_while_agent_was_down_joins_the_mesh_by_namespace_label(lab,
 def test_capture_comes_back_after_records_and_bpf_state_are_wiped(lab, echo):
     """Like a node reboot: no records, no pinned BPF state; the pod is still there."""
     lab.stop_agent("node1")
-    problems = teardown(lab.pin_dir("node1"))
-    assert problems == []
+    # The uninstall command: detaches node1's programs and drops its pins.
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "capture", "teardown",
+                           "--pin-dir", lab.pin_dir("node1")], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(lab.pin_dir("node1"))
     shutil.rmtree(lab.node_dir("node1") / "pods")
     lab.start_agent("node1")
     wait_for(lambda: _known(lab, "node1", "mesh/client") and agent_pod(lab, "node1", "mesh/client")["enrolled"],
