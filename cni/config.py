@@ -19,6 +19,9 @@ COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
 DEFAULT_EXCLUDED = ("kube-system",)
 DEFAULT_AGENT_TIMEOUT_SECONDS = 5.0
 MAX_AGENT_TIMEOUT_SECONDS = 300.0
+# state "kube": the budget for both API reads (pod, namespace) of one call.
+DEFAULT_API_TIMEOUT_SECONDS = 5.0
+STATE_KUBE = "kube"
 
 # Well-known error codes (CNI spec, "Error"); 1-99 are reserved to the spec.
 ERR_INCOMPATIBLE_VERSION = 1
@@ -99,16 +102,21 @@ class PluginConfig:
     """ambient-cni's entry of the conflist, as the runtime passes it on stdin."""
 
     __slots__ = ("cni_version", "name", "agent_socket", "state", "state_path", "exclude_namespaces",
-                 "agent_timeout_seconds", "log_file", "prev_result", "raw")
+                 "agent_timeout_seconds", "log_file", "prev_result", "raw", "kubeconfig",
+                 "api_timeout_seconds")
 
-    def __init__(self, cni_version: str, name: str, agent_socket: str, state: str, state_path: str,
+    def __init__(self, cni_version: str, name: str, agent_socket: str, state: str, state_path: str | None,
                  exclude_namespaces: tuple[str, ...], agent_timeout_seconds: float,
-                 log_file: str | None, prev_result: dict | None, raw: dict) -> None:
+                 log_file: str | None, prev_result: dict | None, raw: dict,
+                 kubeconfig: str | None = None,
+                 api_timeout_seconds: float = DEFAULT_API_TIMEOUT_SECONDS) -> None:
         self.cni_version = cni_version
         self.name = name
         self.agent_socket = agent_socket
-        self.state = state                      # as configured: file:PATH
-        self.state_path = state_path            # PATH
+        self.state = state                      # as configured: file:PATH or kube
+        self.state_path = state_path            # PATH of file:PATH; None for kube
+        self.kubeconfig = kubeconfig            # kube: the kubeconfig install-cni wrote
+        self.api_timeout_seconds = api_timeout_seconds
         self.exclude_namespaces = exclude_namespaces
         self.agent_timeout_seconds = agent_timeout_seconds
         self.log_file = log_file
@@ -267,11 +275,23 @@ def parse_config(data: bytes, command: str) -> PluginConfig:
     agent_socket = _absolute_path(raw, "agent_socket", required=True)
     state = raw.get("state")
     if not isinstance(state, str) or not state:
-        raise _invalid("state", state, "is required (file:PATH)" if state is None else "must be file:PATH")
-    state_path = state_path_of(state)
-    if state_path is None:
-        raise _invalid("state", state, "must be file:PATH with an absolute PATH "
-                       "(the only state source ambient-cni reads)")
+        raise _invalid("state", state, "is required (file:PATH or kube)" if state is None
+                       else "must be file:PATH or kube")
+    kubeconfig = None
+    if state == STATE_KUBE:
+        # The pod and its namespace come from the API server named in a
+        # kubeconfig that install-cni writes (JSON, see cni.kube).
+        state_path = None
+        kubeconfig = _absolute_path(raw, "kubeconfig", required=True)
+    else:
+        state_path = state_path_of(state)
+        if state_path is None:
+            raise _invalid("state", state, "must be file:PATH with an absolute PATH, or kube")
+    api_timeout = raw.get("api_timeout_seconds", DEFAULT_API_TIMEOUT_SECONDS)
+    if (isinstance(api_timeout, bool) or not isinstance(api_timeout, (int, float))
+            or not 0 < api_timeout <= MAX_AGENT_TIMEOUT_SECONDS):
+        raise _invalid("api_timeout_seconds", api_timeout,
+                       f"must be a number of seconds in (0, {MAX_AGENT_TIMEOUT_SECONDS:g}]")
 
     excluded = raw.get("exclude_namespaces", list(DEFAULT_EXCLUDED))
     if not isinstance(excluded, list) or not all(isinstance(x, str) and x for x in excluded):
@@ -296,7 +316,8 @@ def parse_config(data: bytes, command: str) -> PluginConfig:
     elif not isinstance(prev, dict):
         raise _invalid("prevResult", prev, "must be an object")
     return PluginConfig(version, name if isinstance(name, str) else "", agent_socket, state,
-                        state_path, tuple(excluded), float(timeout), log_file, prev, raw)
+                        state_path, tuple(excluded), float(timeout), log_file, prev, raw,
+                        kubeconfig, float(api_timeout))
 
 
 # -- results ---------------------------------------------------------------------

@@ -150,6 +150,14 @@ def test_every_field_set():
     assert c.state_path == "/s.json"
 
 
+def test_kube_state_reads_the_kubeconfig_path():
+    c = parse_config(config(state="kube", kubeconfig="/etc/cni/net.d/ambient-cni-kubeconfig",
+                            api_timeout_seconds=2), "ADD")
+    assert (c.state, c.state_path) == ("kube", None)
+    assert c.kubeconfig == "/etc/cni/net.d/ambient-cni-kubeconfig"
+    assert c.api_timeout_seconds == 2.0
+
+
 def test_an_empty_exclusion_list_excludes_nothing():
     assert parse_config(config(exclude_namespaces=[]), "ADD").exclude_namespaces == ()
 
@@ -177,8 +185,11 @@ def test_supported_versions(version):
     (config(agent_socket=5), "ADD", ERR_INVALID_CONFIG, "'agent_socket' must be a path"),
     (config(agent_socket="relative.sock"), "ADD", ERR_INVALID_CONFIG, "'agent_socket' must be an absolute path"),
     (config(state=DROP), "ADD", ERR_INVALID_CONFIG, "'state' is required"),
-    (config(state=["file:/x"]), "ADD", ERR_INVALID_CONFIG, "'state' must be file:PATH"),
-    (config(state="kube"), "ADD", ERR_INVALID_CONFIG, "'state' must be file:PATH"),
+    (config(state=["file:/x"]), "ADD", ERR_INVALID_CONFIG, "'state' must be file:PATH or kube"),
+    (config(state="kube"), "ADD", ERR_INVALID_CONFIG, "'kubeconfig' is required"),
+    (config(state="kube", kubeconfig="rel/kc"), "ADD", ERR_INVALID_CONFIG, "'kubeconfig' must be an absolute path"),
+    (config(api_timeout_seconds=0), "ADD", ERR_INVALID_CONFIG, "'api_timeout_seconds' must be"),
+    (config(state="k8s"), "ADD", ERR_INVALID_CONFIG, "must be file:PATH with an absolute PATH, or kube"),
     (config(state="file:relative.json"), "ADD", ERR_INVALID_CONFIG, "with an absolute PATH"),
     (config(state="/run/x/state.json"), "ADD", ERR_INVALID_CONFIG, "'state' must be file:PATH"),
     (config(exclude_namespaces="kube-system"), "ADD", ERR_INVALID_CONFIG, "'exclude_namespaces'"),
