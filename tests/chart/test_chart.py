@@ -381,3 +381,16 @@ def test_dockerfile():
     assert "python3-bpfcc" in text
     assert "/lib/modules" in text and "/usr/src" in text and "linux-headers" in text
     assert re.search(r"pip install \.", text)
+
+
+@pytest.mark.parametrize("values,grace,drain", [
+    ({}, 30, "25"),
+    ({"agent.terminationGracePeriodSeconds": "60"}, 60, "55"),
+    ({"agent.drainSeconds": "12"}, 30, "12"),
+])
+def test_drain_window_is_termination_grace_minus_five(helm_env, values, grace, drain):
+    pod = _agent_pod(_docs(_template(helm_env, values).stdout))
+    args = _container(pod, "agent")["args"]
+    assert pod["terminationGracePeriodSeconds"] == grace
+    assert args[args.index("--drain-seconds") + 1] == drain
+    assert args[args.index("--host-proc") + 1] == "/host/proc"

@@ -70,3 +70,15 @@ app.kubernetes.io/component: ca
 {{- printf "%s.%s.svc:%d" (include "ambient-agent.caName" .) .Release.Namespace (int .Values.ca.port) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Drain window on SIGTERM: agent.drainSeconds, or the termination grace period
+minus 5 seconds (at least 1).
+*/}}
+{{- define "ambient-agent.drainSeconds" -}}
+{{- if kindIs "invalid" .Values.agent.drainSeconds -}}
+{{- max 1 (sub (int .Values.agent.terminationGracePeriodSeconds) 5) -}}
+{{- else -}}
+{{- .Values.agent.drainSeconds -}}
+{{- end -}}
+{{- end -}}
