@@ -3,8 +3,9 @@
 It runs once per pod sandbox operation, so it imports little (json, os,
 socket, sys, time and the pure enrolment rule) and decides fast:
 
-* ADD: read the pod and its namespace from the cluster state file and apply
-  the enrolment rule. A pod that must be in the mesh is only let through
+* ADD: read the pod and its namespace (from the Kubernetes API with
+  ``"state": "kube"``, or from a cluster state file with ``file:PATH``) and
+  apply the enrolment rule. A pod that must be in the mesh is only let through
   once the node agent confirms it (connection, request, answer: all within
   ``agent_timeout_seconds``); otherwise the ADD fails with code 11 and the
   runtime retries, so the pod's traffic never flows uncaptured. A pod
@@ -31,7 +32,7 @@ import time
 
 from agent.enrol.rule import EnrolmentDecision, decide, pod_namespace
 from cni.config import (CURRENT_VERSION, ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_IO, ERR_NOT_ENROLLED,
-                        ERR_TRY_AGAIN_LATER, CniError, Environment, PluginConfig, add_result,
+                        ERR_TRY_AGAIN_LATER, STATE_KUBE, CniError, Environment, PluginConfig, add_result,
                         parse_config, parse_environment, pod_addresses, render, version_result)
 
 # The whole budget for telling the agent about a pod outside the mesh.
@@ -158,6 +159,32 @@ def _find(items, namespace: str, name: str) -> tuple[dict | None, dict | None]:
 
 
 def read_pod(config: PluginConfig, env: Environment) -> tuple[dict | None, dict | None]:
+    """The pod and its Namespace object (None: absent), from the API or the state file."""
+    if config.state == STATE_KUBE:
+        return read_pod_from_api(config, env)
+    return read_pod_from_file(config, env)
+
+
+def read_pod_from_api(config: PluginConfig, env: Environment) -> tuple[dict | None, dict | None]:
+    """GET the pod and its namespace (``cni.kube``, stdlib only).
+
+    An API that cannot be asked fails the ADD with code 11, as an unreadable
+    state file does: nothing can tell whether the pod must be captured. The
+    one exception is a pod of an excluded namespace: the rule never enrols
+    it whatever its labels, so it needs no answer (and kube-system's pods,
+    the API server's own network among them, do not wait for the API).
+    """
+    from cni.kube import KubeError, read_pod_and_namespace
+    try:
+        return read_pod_and_namespace(config.kubeconfig, env.pod_namespace, env.pod_name,
+                                      config.api_timeout_seconds)
+    except KubeError as exc:
+        if env.pod_namespace in config.exclude_namespaces:
+            return None, None
+        raise CniError(ERR_TRY_AGAIN_LATER, "Kubernetes API unreachable", str(exc)) from None
+
+
+def read_pod_from_file(config: PluginConfig, env: Environment) -> tuple[dict | None, dict | None]:
     """The pod and its Namespace object from the cluster state file (None: absent).
 
     The lab writes JSON, scanned here directly; anything else (YAML written
@@ -216,7 +243,7 @@ def enrolment(config: PluginConfig, env: Environment) -> EnrolmentDecision:
     if by_namespace.enrolled:
         raise CniError(ERR_TRY_AGAIN_LATER, f"pod {env.pod_key} not yet known",
                        f"no record of pod {env.pod_key} (uid {env.pod_uid or '?'}) in "
-                       f"{config.state_path} yet, and its {by_namespace.reason}")
+                       f"{config.state_path or 'the Kubernetes API'} yet, and its {by_namespace.reason}")
     return EnrolmentDecision(False, f"pod not in the cluster state; {by_namespace.reason}")
 
 
