@@ -230,6 +230,7 @@ class TokenReviewAuthenticator:
         self.timeout = timeout
         self.cache = cache if cache is not None else ReviewCache()
         self._api_client = api_client
+        self._inflight: dict[bytes, asyncio.Future] = {}
         self._auth = client.AuthenticationV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
 
@@ -241,6 +242,24 @@ class TokenReviewAuthenticator:
         cached = self.cache.get(token)
         if cached is not None:
             return cached
+        # An agent starting up asks for many identities at once with one
+        # token: concurrent requests share one review instead of each
+        # sending its own.
+        key = ReviewCache.key(token)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._authenticate_uncached(token))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t, k=key: self._review_done(k, t))
+        # shield: a cancelled caller (deadline) must not cancel the others' review.
+        return await asyncio.shield(task)
+
+    def _review_done(self, key: bytes, task: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()    # retrieved here, so a review nobody waits for any more is not reported
+
+    async def _authenticate_uncached(self, token: str) -> Caller:
         status = await self._review(token)
         identity = review_identity(status, self.audience)
         node = identity.node
