@@ -167,6 +167,12 @@ class CaServer:
         self.config = config
         self._material_source = material_source or DirectorySigningSource(config.ca_dir, config.trust_domain)
         self._authenticator = authenticator
+        # INTEGRATION (issue 5): `--state kube` (pods from the API, for the
+        # "pod on the caller's node" check) belongs to the kube state source
+        # written separately (agent/state/kube.py and its source factory).
+        # When it lands, build the source through that factory here and pass
+        # `config.kubeconfig` to it; until then parse_state_url refuses `kube`
+        # with an error that says so, and `--tokens kube` runs with file state.
         self._source = FileStateSource(parse_state_url(config.state))
         self._state = ClusterState.from_items([])
         self._server: grpc.aio.Server | None = None
