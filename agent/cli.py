@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.identity import cli as ca_cli
     from agent.lab import cli as lab_cli
     from agent.policy import cli as policy_cli
+    from cni import installer as cni_installer
 
     daemon.add_parser(sub)
     capture_cli.add_parser(sub)
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cli.add_parser(sub)
     policy_cli.add_parser(sub)
     status.add_parser(sub)
+    cni_installer.add_parser(sub)
     return parser
 
 
