@@ -32,7 +32,7 @@ from agent.proxy.counters import ConnectionLog, PodCounters
 from agent.proxy.forward import DataPlane, PodProxy
 from agent.proxy.hbone import workload_metadata
 from agent.proxy.tunnel import HbonePool
-from agent.state.file import FileStateSource, parse_state_url
+from agent.state.source import STATE_URL_HELP, open_state_source
 from agent.state.model import ClusterState, StateError
 
 log = logging.getLogger("agent")
@@ -77,7 +77,9 @@ class NodeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self._stopping = asyncio.Event()
-        self.source = FileStateSource(parse_state_url(config.state_url))
+        # file:PATH or kube[:KUBECONFIG]; the kube source's first load() waits
+        # for the first full sync of every watched kind (see agent/state/kube.py).
+        self.source = open_state_source(config.state_url)
         self.state = ClusterState.from_items([])
         self.datapath = CaptureDatapath(config.pin_dir, config.cgroup)
         self.switcher = NetnsSwitcher()
@@ -512,7 +514,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the node agent")
     p.add_argument("--node", required=True, help="name of the node this agent serves")
     p.add_argument("--state", default="file:/run/ambient-agent/state.json",
-                   help="cluster state source (file:PATH)")
+                   help=STATE_URL_HELP)
     p.add_argument("--run-dir", default="/run/ambient-agent",
                    help="control socket and pod records")
     p.add_argument("--pin-dir", default="/sys/fs/bpf/ambient-agent",

@@ -45,7 +45,7 @@ from agent.identity.policy import (IMPERSONATED_IDENTITY, AuthorisationError, Cs
                                    authorise, clamp_ttl, validate_csr)
 from agent.identity.proto import ca_pb2, ca_pb2_grpc
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, check_trust_domain
-from agent.state.file import FileStateSource, parse_state_url
+from agent.state.source import open_state_source
 from agent.state.model import ClusterState
 
 log = logging.getLogger(__name__)
@@ -167,13 +167,10 @@ class CaServer:
         self.config = config
         self._material_source = material_source or DirectorySigningSource(config.ca_dir, config.trust_domain)
         self._authenticator = authenticator
-        # INTEGRATION (issue 5): `--state kube` (pods from the API, for the
-        # "pod on the caller's node" check) belongs to the kube state source
-        # written separately (agent/state/kube.py and its source factory).
-        # When it lands, build the source through that factory here and pass
-        # `config.kubeconfig` to it; until then parse_state_url refuses `kube`
-        # with an error that says so, and `--tokens kube` runs with file state.
-        self._source = FileStateSource(parse_state_url(config.state))
+        # file:PATH or kube[:KUBECONFIG] (pods from the API, for the "pod on
+        # the caller's node" check); a bare `kube` uses --kubeconfig, else
+        # in-cluster config. The kube source's first load() waits for sync.
+        self._source = open_state_source(config.state, kubeconfig=config.kubeconfig)
         self._state = ClusterState.from_items([])
         self._server: grpc.aio.Server | None = None
         self._owned_authenticator: Authenticator | None = None

@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "API (TokenReview); otherwise a YAML/JSON file mapping each node agent's "
                         "bearer token to its node name (the lab; use ./kube for a file named kube)")
     p.add_argument("--kubeconfig", metavar="PATH",
-                   help="with --tokens kube: kubeconfig to reach the API (default: in-cluster "
-                        "configuration)")
+                   help="with --tokens kube or --state kube: kubeconfig to reach the API "
+                        "(default: in-cluster configuration)")
     p.add_argument("--token-audience", default="istio-ca",
                    help="with --tokens kube: audience callers' tokens must be valid for "
                         "(default: %(default)s)")
@@ -44,7 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --tokens kube: the node agents' service account, the only one that "
                         "may request other identities (ImpersonatedIdentity) for pods on its node; "
                         "any other account gets only its own identity (default: %(default)s)")
-    p.add_argument("--state", required=True, help="cluster state source (file:PATH)")
+    p.add_argument("--state", required=True,
+                   help="cluster state source: file:PATH, kube (the Kubernetes API through "
+                        "--kubeconfig, else in-cluster) or kube:KUBECONFIG")
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
     p.add_argument("--default-ttl", type=_duration, default="24h",
                    help="lifetime of a certificate when the request asks for none (default: 24h)")

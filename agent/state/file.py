@@ -23,8 +23,8 @@ Stamp = tuple[int, int, int]
 def parse_state_url(url: str) -> str:
     """The path of a ``file:PATH`` state source (``file:///PATH`` also works).
 
-    Only files are implemented; ``kube`` (the Kubernetes API) is planned and
-    gets an error that says so.
+    ``kube`` (the Kubernetes API) is not a file: ``agent.state.source.open_state_source``
+    opens it; here it gets an error that says so.
     """
     scheme, sep, rest = url.partition(":")
     if not sep:
@@ -39,10 +39,10 @@ def parse_state_url(url: str) -> str:
             raise StateError(f"state source {url!r}: 'file:' needs a path, e.g. file:/run/ambient/state.json")
         return rest
     if scheme == "kube":
-        raise StateError(f"state source {url!r}: the Kubernetes API source ('kube') is not "
-                         "implemented yet; use file:PATH")
-    raise StateError(f"unsupported state source {url!r}: expected file:PATH "
-                     "(the Kubernetes API source 'kube' will come later)")
+        raise StateError(f"state source {url!r} is the Kubernetes API, not a file "
+                         "(open it with agent.state.source.open_state_source)")
+    raise StateError(f"unsupported state source {url!r}: expected file:PATH, kube "
+                     "or kube:KUBECONFIG")
 
 
 def _stamp(st: os.stat_result) -> Stamp:

@@ -259,6 +259,7 @@ class KubeApiServer:
         self._thread: threading.Thread | None = None
         self.requests: list[RequestRecord] = []
         self.fail_next: list[tuple[str, int]] = []     # (path prefix, HTTP code) to fail once
+        self.refused: dict[str, int] = {}               # path prefix -> HTTP code, until allowed
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -612,6 +613,11 @@ class _Handler(BaseHTTPRequestHandler):
             if not (auth.startswith("Bearer ") and auth[7:] in api.client_tokens):
                 self._read_body()
                 raise ApiError(401, "Unauthorized", "Unauthorized")
+            for prefix, code in list(api.refused.items()):
+                if parts.path.startswith(prefix):
+                    self._read_body()
+                    raise ApiError(code, "ServiceUnavailable" if code == 503 else "InternalError",
+                                   f"refused by the test ({code})")
             for i, (prefix, code) in enumerate(list(api.fail_next)):
                 if parts.path.startswith(prefix):
                     del api.fail_next[i]

@@ -268,9 +268,9 @@ def test_state_urls(url, path):
     ("file:", "needs a path"),
     ("file://", "needs a path"),
     ("file://otherhost/x", "cannot name host 'otherhost'"),
-    ("kube", "'kube'\\) is not implemented yet"),
-    ("kube:", "is not implemented yet"),
-    ("http://x", "unsupported state source 'http://x'.*'kube' will come later"),
+    ("kube", "'kube' is the Kubernetes API, not a file"),
+    ("kube:", "is the Kubernetes API, not a file"),
+    ("http://x", "unsupported state source 'http://x'.*file:PATH, kube or kube:KUBECONFIG"),
     ("/just/a/path", "unsupported state source"),
 ])
 def test_bad_state_urls(url, message):
