@@ -186,7 +186,7 @@ def test_notes_say_what_is_not_implemented(helm_env, tmp_path):
                 "--show-only", "templates/notes-render.yaml").stdout
     notes = yaml.safe_load(out)["data"]["notes"]
     assert "`kube` state source" in notes and "not implemented" in notes
-    assert "install-cni" in notes and "does not exist yet" in notes
+    assert "install-cni" in notes and "chains ambient-cni last" in notes and "does not exist yet" not in notes
     assert f"Secret \"cacerts\" in {NAMESPACE}" in notes
 
 
@@ -293,7 +293,21 @@ def test_agent_command_and_env(default_docs):
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     cni = _container(pod, "install-cni")
-    assert cni["command"] == ["ambient-agent"] and cni["args"][0] == "install-cni"
+    assert cni["command"] == ["ambient-agent"] and "install-cni" in cni["args"]
+    _install_cni_flags_parse(cni["args"])
+
+
+def _install_cni_flags_parse(args: list[str]) -> None:
+    """The chart's install-cni flags are the command's real flags, with host paths in the config."""
+    from agent.cli import build_parser
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "install-cni"
+    assert (parsed.cni_bin_dir, parsed.cni_conf_dir) == ("/host/opt/cni/bin", "/host/etc/cni/net.d")
+    assert parsed.plugin_source == "/opt/ambient-cni"                  # where the Dockerfile puts the bundle
+    assert parsed.agent_socket == "/var/run/ambient-agent/agent.sock"  # host runDir + the agent's socket name
+    assert parsed.kubeconfig_host_path == "/etc/cni/net.d/ambient-cni-kubeconfig"
+    assert parsed.uninstall_on_exit and parsed.poll_interval == 1.0
+    assert parsed.exclude_namespaces == ["kube-system"]
 
 
 def test_agent_pod_placement(default_docs):
