@@ -19,7 +19,32 @@
 #   3. kernels built with CONFIG_IKHEADERS: BCC extracts
 #      /sys/kernel/kheaders.tar.xz itself (after `modprobe kheaders` on the
 #      host), no mount needed.
-# Nothing in the image is compiled at build time.
+# Nothing in the image is compiled at build time, except the CNI plugin bundle.
+#
+# The ambient-cni plugin bundle
+# -----------------------------
+# kubelet's runtime executes CNI plugins on the host, where no Python may
+# exist. The first stage freezes the plugin with PyInstaller (onedir: an
+# `ambient-cni` executable beside `_internal/` holding libpython and the few
+# modules it imports; see `make cni-plugin`) into /opt/ambient-cni, which
+# `ambient-agent install-cni` copies into the host's CNI bin dir. PyInstaller
+# needs a shared libpython: Debian's python3 has one in libpython3.11.
+# The bundle needs the host's glibc to be at least the build stage's
+# (bookworm: 2.36); older node distributions need an older build stage.
+FROM debian:bookworm-slim AS cni-plugin
+
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv libpython3.11 binutils \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /build/venv && /build/venv/bin/pip install "pyinstaller==6.22.3" "PyYAML>=6"
+WORKDIR /src
+COPY agent ./agent
+COPY cni ./cni
+RUN /build/venv/bin/python -m PyInstaller --noconfirm --log-level WARN --onedir --name ambient-cni \
+      --paths /src --distpath /out --workpath /build/work --specpath /build cni/bundle_entry.py \
+ && CNI_COMMAND=VERSION /out/ambient-cni/ambient-cni
+
 FROM debian:bookworm-slim
 
 ARG LINUX_HEADERS=""
@@ -55,6 +80,9 @@ COPY bpf ./bpf
 RUN /opt/ambient-agent/bin/pip install . \
  && /opt/ambient-agent/bin/python -c 'import agent.cli, cni.plugin, bcc' \
  && cd / && rm -rf /src
+
+# The self-contained plugin, for `ambient-agent install-cni --plugin-source /opt/ambient-cni`.
+COPY --from=cni-plugin /out/ambient-cni /opt/ambient-cni
 
 ENV PATH=/opt/ambient-agent/bin:$PATH
 WORKDIR /
