@@ -7,10 +7,12 @@ VPY         := $(VENV)/bin/python
 KREL        := $(shell uname -r)
 STAMP       := $(VENV)/.stamp-setup
 DEBS        := python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plugins \
-               iproute2 tcpdump socat nghttp2-proxy tinyproxy bpftool binutils
+               iproute2 tcpdump socat nghttp2-proxy tinyproxy bpftool binutils \
+               iperf3 wrk iptables
 BCC_DIR     := /usr/lib/python3/dist-packages/bcc
 
 .PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean protos chart-tools image cni-plugin
+.PHONY: bench bench-short bench-tools
 
 setup: $(STAMP) kernel-headers
 
@@ -68,6 +70,18 @@ build/cni/.stamp-ambient-cni: $(CNI_SOURCES) | $(STAMP)
 
 demo: setup
 	$(VPY) -m agent.lab.demo
+
+# Benchmarks (bench/README.md): baseline vs mesh in one lab, results in
+# bench/results.json and bench/results.md. py-spy (the `bench` extra)
+# profiles the agents; bench-short is the CI mode (tests/bench runs it).
+bench-tools: setup
+	@[ -x $(VENV)/bin/py-spy ] || $(VPY) -m pip install -q -e '.[bench]'
+
+bench: bench-tools
+	$(VPY) -m bench.run
+
+bench-short: bench-tools
+	$(VPY) -m bench.run --short --out-dir $${BENCH_OUT:-/tmp/ambient-bench-short}
 
 # Regenerate the CA API's Python modules from agent/identity/proto/ca.proto.
 # The generated code is committed; only run this after changing the .proto.
