@@ -207,7 +207,8 @@ class CaServer:
         authenticator = self._authenticator
         if authenticator is None:
             authenticator = self._owned_authenticator = self._make_authenticator()
-        self._state = self._source.load()
+        # The kube source's first load waits for its first full sync: off the event loop.
+        self._state = await asyncio.to_thread(self._source.load)
         self.material = self._material_source.load()
 
         serving_key = pki.generate_key()
@@ -262,10 +263,11 @@ class CaServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        close = getattr(self._owned_authenticator, "close", None)
-        if close is not None:
-            close()
-            self._owned_authenticator = None
+        for owned in (self._owned_authenticator, self._source):
+            close = getattr(owned, "close", None)     # the kube ones hold connections and threads
+            if close is not None:
+                await asyncio.to_thread(close)
+        self._owned_authenticator = None
 
     async def run(self, grace: float = 5.0) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop (in-flight requests get ``grace`` seconds)."""

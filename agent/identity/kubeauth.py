@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -191,21 +192,31 @@ class ReviewCache:
 
 
 def api_client(kubeconfig: str | None = None):
-    """An ApiClient from ``kubeconfig``, or from the pod's in-cluster configuration."""
+    """An ApiClient from ``kubeconfig``; without one, like the kube state source
+    (agent/state/kube.py): in-cluster configuration when running in a pod, else
+    ``$KUBECONFIG`` or ``~/.kube/config``."""
     from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
 
     configuration = client.Configuration()
+    where = f"kubeconfig {kubeconfig}"
     try:
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration,
-                                    persist_config=False)
-        else:
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            where = "in-cluster configuration"
             config.load_incluster_config(client_configuration=configuration)
-    except (ConfigException, OSError, ValueError, TypeError) as exc:
-        where = f"kubeconfig {kubeconfig}" if kubeconfig else \
-            "in-cluster configuration (not running in a pod? pass --kubeconfig PATH)"
-        raise AuthConfigError(f"cannot load the {where}: {exc}") from None
+        else:
+            path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+            path = path.split(os.pathsep)[0]
+            where = f"kubeconfig {path}"
+            if not os.path.exists(path):
+                raise AuthConfigError(f"cannot review tokens: {where} does not exist (and not running "
+                                      f"in a pod; pass --kubeconfig PATH)")
+            config.load_kube_config(config_file=path, client_configuration=configuration,
+                                    persist_config=False)
+    except AuthConfigError:
+        raise
+    except Exception as exc:    # ConfigException, YAML errors, missing files or keys
+        raise AuthConfigError(f"cannot review tokens: cannot load the {where}: "
+                              f"{' '.join(str(exc).split())}") from None
     return client.ApiClient(configuration)
 
 

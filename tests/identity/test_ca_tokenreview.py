@@ -4,8 +4,7 @@ Real parts throughout: the CA serves gRPC over TLS on loopback, its
 authenticator uses the official `kubernetes` client, which talks HTTP to
 the test-only API server in tests/kubeapi (TokenReview with the real
 audience semantics, pod GETs). The cluster state the CA authorises against
-is the file source holding the same pods (see the integration note in
-agent/identity/ca.py about `--state kube`).
+comes from the same API server (`--state kube`, list and watch).
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def run(coro, timeout=60):
 
 
 class Cluster:
-    """The API server with the agents, two workloads and their tokens; the same pods in a state file."""
+    """The API server with the agents, two workloads and their tokens."""
 
     def __init__(self, api: KubeApiServer, tmp: Path) -> None:
         self.api = api
@@ -61,23 +60,19 @@ class Cluster:
                                audiences=list(audiences))
         return token
 
-    def write_state(self, env) -> None:
-        env.write_state([self.api.get("Pod", ns, name) for ns, name in
-                         ((AGENT_NS, "agent-a"), (AGENT_NS, "agent-b"), ("backend", "api-0"),
-                          ("frontend", "web-0"))])
-
 
 @pytest.fixture
 def cluster(env, tmp_path):
     with KubeApiServer() as api:
         c = Cluster(api, tmp_path)
-        c.write_state(env)
         c.kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
         yield c
 
 
 def kube_config(env, cluster, **overrides):
-    values = dict(tokens="kube", kubeconfig=cluster.kubeconfig, node_agent_account=f"{AGENT_NS}/{AGENT_SA}")
+    """Tokens and state both from the API server (a bare `kube` state uses the CA's --kubeconfig)."""
+    values = dict(tokens="kube", state="kube", kubeconfig=cluster.kubeconfig,
+                  node_agent_account=f"{AGENT_NS}/{AGENT_SA}")
     values.update(overrides)
     return env.config(**values)
 
@@ -242,7 +237,8 @@ def test_api_server_trouble_is_unavailable_not_unauthenticated(env, cluster, cap
             text = fh.read().replace(f":{cluster.api.port}", f":{free_port()}")
         with open(down, "w") as fh:
             fh.write(text)
-        async with running_ca(kube_config(env, cluster, kubeconfig=down)) as server, \
+        async with running_ca(kube_config(env, cluster, kubeconfig=down,
+                                          state=f"kube:{cluster.kubeconfig}")) as server, \
                 client_for(server, token=fresh) as client:
             started = time.monotonic()
             with pytest.raises(CaError) as err:
@@ -257,6 +253,30 @@ def test_api_server_trouble_is_unavailable_not_unauthenticated(env, cluster, cap
     text = caplog.text
     assert "TokenReview failed: HTTP 500" in text
     assert "agent-a-fresh" not in text and "agent-a-podless" not in text
+
+
+def test_a_pod_scheduled_later_entitles_its_node_agent(env, cluster):
+    """The CA's state follows the API (watch): no restart needed for a new pod."""
+    token = cluster.pod_token("agent-a-live", AGENT_NS, AGENT_SA, "agent-a", with_node=True)
+    runner = "spiffe://cluster.local/ns/jobs/sa/runner"
+
+    async def scenario():
+        async with running_ca(kube_config(env, cluster)) as server, \
+                client_for(server, token=token) as client:
+            with pytest.raises(CaError) as err:
+                await client.create_certificate(new_csr(runner), 600, runner)
+            assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+            cluster.api.create(objects.pod("runner-0", "jobs", node="node-a", service_account="runner",
+                                           ip="10.0.0.7"))
+            for _ in range(200):
+                try:
+                    return await client.create_certificate(new_csr(runner), 600, runner)
+                except CaError as exc:
+                    assert exc.code == grpc.StatusCode.PERMISSION_DENIED
+                    await asyncio.sleep(0.05)
+            raise AssertionError("the new pod never entitled node-a's agent")
+
+    assert run(scenario())
 
 
 def test_concurrent_requests_share_one_review_and_the_cache_expires(env, cluster):
@@ -297,7 +317,7 @@ def test_ca_process_with_kube_tokens(env, cluster, tmp_path):
     log_path = tmp_path / "ca.log"
     cmd = [sys.executable, "-m", "agent.cli", "ca", "--ca-dir", env.ca_dir, "--tokens", "kube",
            "--kubeconfig", cluster.kubeconfig, "--node-agent-service-account", f"{AGENT_NS}/{AGENT_SA}",
-           "--token-audience", "istio-ca", "--state", f"file:{env.state}",
+           "--token-audience", "istio-ca", "--state", "kube",
            "--listen", f"127.0.0.1:{port}", "--root-cert-out", str(bundle)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -328,15 +348,16 @@ def test_ca_process_with_kube_tokens(env, cluster, tmp_path):
     assert "agent-a-proc" not in output
 
 
-def test_kube_tokens_outside_a_cluster_without_kubeconfig_is_a_clear_start_up_error(env):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+def test_kube_tokens_outside_a_cluster_without_kubeconfig_is_a_clear_start_up_error(env, tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_") and k != "KUBECONFIG"}
+    clean["HOME"] = str(tmp_path / "home")          # no ~/.kube/config to fall back to
     result = subprocess.run(
         [sys.executable, "-m", "agent.cli", "ca", "--ca-dir", env.ca_dir, "--tokens", "kube",
          "--state", f"file:{env.state}", "--listen", "127.0.0.1:0"],
         cwd=REPO, capture_output=True, text=True, timeout=30, env=clean)
     assert result.returncode == 1, result.stderr
-    assert "cannot load the in-cluster configuration (not running in a pod? pass --kubeconfig PATH)" \
-        in result.stderr
+    assert f"cannot review tokens: kubeconfig {tmp_path}/home/.kube/config does not exist (and not " \
+        "running in a pod; pass --kubeconfig PATH)" in result.stderr
     assert not os.path.exists(env.ca_dir)
 
     result = subprocess.run(
