@@ -228,6 +228,14 @@ def _api_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+def _json_body(response) -> Any:
+    """The JSON of an unpreloaded response; its connection goes back to the pool either way."""
+    try:
+        return json.loads(response.data)
+    finally:
+        response.release_conn()
+
+
 class TokenReviewAuthenticator:
     """Authenticates callers by TokenReview; see the module docstring for the rules."""
 
@@ -290,7 +298,7 @@ class TokenReviewAuthenticator:
             response = await asyncio.to_thread(
                 self._auth.create_token_review, body, _preload_content=False,
                 _request_timeout=self.timeout)
-            doc = json.loads(response.data)
+            doc = _json_body(response)
         except ApiException as exc:
             # 401/403 here mean the CA's own credentials or RBAC are wrong,
             # 5xx that the API server is in trouble: neither is the caller's
@@ -314,7 +322,7 @@ class TokenReviewAuthenticator:
             response = await asyncio.to_thread(
                 self._core.read_namespaced_pod, name, namespace, _preload_content=False,
                 _request_timeout=self.timeout)
-            return json.loads(response.data)
+            return _json_body(response)
         except ApiException as exc:
             if exc.status == 404:
                 raise AuthenticationError(f"pod {namespace}/{name}, which the token is bound to, "
