@@ -41,8 +41,8 @@ RUN python3 -m venv /build/venv && /build/venv/bin/pip install "pyinstaller==6.2
 WORKDIR /src
 COPY agent ./agent
 COPY cni ./cni
-RUN /build/venv/bin/python -m PyInstaller --noconfirm --log-level WARN --onedir --name ambient-cni \
-      --paths /src --distpath /out --workpath /build/work --specpath /build cni/bundle_entry.py \
+RUN /build/venv/bin/python -m PyInstaller --noconfirm --log-level WARN --distpath /out --workpath /build/work \
+      cni/ambient-cni.spec \
  && CNI_COMMAND=VERSION /out/ambient-cni/ambient-cni
 
 FROM debian:bookworm-slim

@@ -50,21 +50,21 @@ unit: setup
 	$(VPY) -m pytest -ra tests/unit
 
 # The self-contained ambient-cni plugin (no Python needed on the node):
-# a PyInstaller onedir bundle, build/cni/ambient-cni/{ambient-cni,_internal/}.
+# a PyInstaller onedir bundle (cni/ambient-cni.spec), build/cni/ambient-cni/{ambient-cni,_internal/}.
 # onedir rather than onefile: onefile unpacks itself to /tmp on every run
 # (measured in bench/cni_start.py). PyInstaller needs a Python built with a
 # shared libpython (the venv's has one; Debian's python3 + libpython3.11 too)
 # and binutils. Rebuilt only when the plugin's sources change.
 PYINSTALLER_VER ?= 6.22.3
 CNI_BUNDLE      := build/cni/ambient-cni
-CNI_SOURCES     := $(wildcard cni/*.py) $(wildcard agent/enrol/*.py) agent/__init__.py agent/state/model.py
+CNI_SOURCES     := cni/ambient-cni.spec $(wildcard cni/*.py) $(wildcard agent/enrol/*.py) agent/__init__.py agent/state/model.py
 cni-plugin: build/cni/.stamp-ambient-cni
 
 build/cni/.stamp-ambient-cni: $(CNI_SOURCES) | $(STAMP)
 	@$(VPY) -c 'import PyInstaller' 2>/dev/null || $(VPY) -m pip install -q "pyinstaller==$(PYINSTALLER_VER)"
 	@rm -rf $(CNI_BUNDLE) build/cni/work
-	$(VPY) -m PyInstaller --noconfirm --clean --log-level WARN --onedir --name ambient-cni --paths . \
-	  --distpath build/cni --workpath build/cni/work --specpath build/cni cni/bundle_entry.py
+	$(VPY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath build/cni --workpath build/cni/work \
+	  cni/ambient-cni.spec
 	@CNI_COMMAND=VERSION $(CNI_BUNDLE)/ambient-cni >/dev/null
 	@touch $@
 

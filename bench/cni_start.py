@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.lab.cnichain import plugin_config  # noqa: E402
 from tests.kubeapi import objects  # noqa: E402
+from tests.kubeapi import server as kubeapi_server  # noqa: E402
 from tests.kubeapi.server import KubeApiServer  # noqa: E402
 from tests.unit.test_cni_install import FLANNEL  # noqa: E402
 from tests.unit.test_cni_plugin import AMBIENT, ENROLLED, PREV_100, FakeAgent  # noqa: E402
@@ -56,6 +57,10 @@ def main() -> int:
     ap.add_argument("--onefile", action="store_true", help="also build and time a onefile bundle")
     args = ap.parse_args()
     subprocess.run(["make", "-s", "cni-plugin"], cwd=REPO, check=True)
+    # The stand-in API server writes headers and body in two sends; with
+    # Nagle on, the body waits for the plugin's delayed ACK (40 ms per GET).
+    # The real API server (Go net/http) sets TCP_NODELAY on every connection.
+    kubeapi_server._Handler.disable_nagle_algorithm = True
     rows = []
     with tempfile.TemporaryDirectory(prefix="cni-bench-") as tmp, KubeApiServer() as api:
         tmp = Path(tmp)
@@ -90,10 +95,17 @@ def main() -> int:
                    "venv console script": [str(REPO / ".venv/bin/ambient-cni")]}
         if args.onefile:
             work = tmp / "onefile"
+            # The same Analysis as cni/ambient-cni.spec, packed as one file.
+            spec = (REPO / "cni/ambient-cni.spec").read_text().replace("ROOT = os.path.dirname(SPECPATH)",
+                                                                      f"ROOT = {str(REPO)!r}")
+            spec = spec[:spec.index("exe = EXE(")] + (
+                "exe = EXE(pyz, a.scripts, a.binaries, a.datas, [], name='ambient-cni', debug=False,\n"
+                "          strip=False, upx=False, console=True)\n")
+            work.mkdir()
+            (work / "onefile.spec").write_text(spec)
             subprocess.run([str(REPO / ".venv/bin/python"), "-m", "PyInstaller", "--noconfirm", "--log-level",
-                            "ERROR", "--onefile", "--name", "ambient-cni", "--paths", str(REPO),
-                            "--distpath", str(work / "dist"), "--workpath", str(work / "build"),
-                            "--specpath", str(work), str(REPO / "cni/bundle_entry.py")], check=True)
+                            "ERROR", "--distpath", str(work / "dist"), "--workpath", str(work / "build"),
+                            str(work / "onefile.spec")], check=True)
             plugins["onefile"] = [str(work / "dist" / "ambient-cni")]
         try:
             for name, cmd in plugins.items():

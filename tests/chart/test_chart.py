@@ -396,7 +396,7 @@ def test_dockerfile():
     assert "/lib/modules" in text and "/usr/src" in text and "linux-headers" in text
     assert re.search(r"pip install \.", text)
     # The Python-free CNI plugin bundle: frozen in a build stage, shipped where install-cni reads it.
-    assert "PyInstaller" in text and "--onedir --name ambient-cni" in text and "cni/bundle_entry.py" in text
+    assert "PyInstaller" in text and "cni/ambient-cni.spec" in text
     assert "COPY --from=cni-plugin /out/ambient-cni /opt/ambient-cni" in text
 
 
