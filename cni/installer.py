@@ -357,6 +357,8 @@ def run_loop(installer: Installer, interval: float, stop: threading.Event) -> No
             # Keep running: the next round may succeed (a dir mounted late,
             # a token not yet projected); the state is logged once.
             installer._report(logging.ERROR, f"install-cni: {exc}")
+        except Exception:                  # a bug: say so, keep the node's CNI config watched
+            log.exception("install-cni: unexpected error (retrying)")
         stop.wait(interval)
 
 
