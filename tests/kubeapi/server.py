@@ -467,6 +467,11 @@ class KubeApiServer:
             if old is None:
                 raise ApiError(404, "NotFound", f'{r.plural} "{name}" not found')
             new = merge_patch(old, patch)
+            if isinstance(new.get("metadata"), dict):
+                # merge_patch shares untouched subtrees with `old`, which
+                # history still holds: the metadata about to be stamped
+                # must be this version's own.
+                new["metadata"] = dict(new["metadata"])
             meta = new.get("metadata")
             if not isinstance(meta, dict) or meta.get("name") != name or (
                     r.namespaced and meta.get("namespace") != ns):
@@ -511,7 +516,9 @@ class KubeApiServer:
 
     @staticmethod
     def _render(r: Resource, obj: dict, in_list: bool = False) -> dict:
-        out = copy.deepcopy(obj)
+        # Shallow: stored objects are never mutated in place (writes store
+        # new dicts), and the result is serialised right away.
+        out = dict(obj)
         if in_list and not r.custom:
             # Built-in list items carry no kind/apiVersion on the wire.
             out.pop("kind", None)
