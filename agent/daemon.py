@@ -573,4 +573,7 @@ def _run(args: argparse.Namespace) -> int:
     except CaptureError as exc:
         log.error("cannot start capture: %s", exc)
         return 1
+    except StateError as exc:   # a bad --state or kubeconfig; an unreachable API is retried
+        log.error("cannot open the cluster state source: %s", exc)
+        return 1
     return 0
