@@ -13,7 +13,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-BUFFER_SIZE = 256 * 1024
+from agent.proxy.appsock import AppSocket
+
 
 
 @dataclass
@@ -40,25 +41,20 @@ class _Reset(Exception):
     pass
 
 
-async def _pump(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                counter: ByteCounter, attr: str, extra=None) -> None:
-    buf = bytearray(BUFFER_SIZE)
-    view = memoryview(buf)
+async def _pump(src: AppSocket, dst: AppSocket, counter: ByteCounter, attr: str, extra=None) -> None:
     while True:
         try:
-            n = await loop.sock_recv_into(src, buf)
+            data = await src.read()
         except (ConnectionResetError, BrokenPipeError):
             raise _Reset()
-        if n == 0:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        if not data:
+            dst.write_eof()
             return
         try:
-            await loop.sock_sendall(dst, view[:n])
+            await dst.write(data)
         except (ConnectionResetError, BrokenPipeError):
             raise _Reset()
+        n = len(data)
         setattr(counter, attr, getattr(counter, attr) + n)
         if extra is not None:
             setattr(extra, attr, getattr(extra, attr) + n)
@@ -70,11 +66,22 @@ async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
 
     ``app`` is the socket facing the pod's application, ``peer`` the other
     side; ``totals`` is an optional aggregate counter updated alongside.
-    Both sockets are closed on return.
+    Both sockets are closed on return. They are driven as asyncio
+    transports (``appsock.AppSocket``): no per-read epoll registration and
+    no receive buffer held by an idle connection.
     """
-    loop = asyncio.get_running_loop()
-    up = asyncio.ensure_future(_pump(loop, app, peer, counter, "sent", totals))
-    down = asyncio.ensure_future(_pump(loop, peer, app, counter, "received", totals))
+    try:
+        app_side = await AppSocket.wrap(app)
+    except BaseException:
+        abort(peer)
+        raise
+    try:
+        peer_side = await AppSocket.wrap(peer)
+    except BaseException:
+        app_side.abort()
+        raise
+    up = asyncio.ensure_future(_pump(app_side, peer_side, counter, "sent", totals))
+    down = asyncio.ensure_future(_pump(peer_side, app_side, counter, "received", totals))
     outcome = "closed"
     try:
         pending = {up, down}
@@ -95,9 +102,9 @@ async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
         raise
     finally:
         if outcome == "reset":
-            abort(app)
-            abort(peer)
+            app_side.abort()
+            peer_side.abort()
         else:
-            app.close()
-            peer.close()
+            app_side.close()
+            peer_side.close()
     return outcome

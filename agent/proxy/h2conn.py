@@ -122,8 +122,11 @@ class H2Stream:
                 self._window.clear()
                 await self._window.wait()
                 continue
-            chunk = view[:size]
-            self.conn.h2.send_data(self.id, chunk.tobytes())
+            # Whole bytes objects go as they are (no copy); a slice is copied
+            # because h2 keeps what it is given until it is serialised.
+            chunk = data if size >= len(view) and isinstance(data, bytes) and len(view) == len(data) \
+                else view[:size].tobytes()
+            self.conn.h2.send_data(self.id, chunk)
             self.conn.flush()
             view = view[size:]
             await self.conn.drain()

@@ -17,13 +17,12 @@ from typing import Awaitable, Callable
 
 import h2.errors
 
+from agent.proxy.appsock import AppSocket
 from agent.proxy.copy import ByteCounter, abort
 from agent.proxy.h2conn import H2Connection, H2Stream, StreamReset
 from agent.proxy.tls import PeerIdentityError, check_server_identity
 
 log = logging.getLogger(__name__)
-
-BUFFER = 256 * 1024
 
 
 async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
@@ -35,7 +34,6 @@ async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
     ``sock_is_app``: the socket faces the pod's application (counted as
     "sent" when it writes); otherwise the stream does.
     """
-    loop = asyncio.get_running_loop()
     up_attr, down_attr = ("sent", "received") if sock_is_app else ("received", "sent")
 
     def add(attr: str, n: int) -> None:
@@ -43,30 +41,34 @@ async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
         if totals is not None:
             setattr(totals, attr, getattr(totals, attr) + n)
 
+    # The socket as an asyncio transport (appsock): it stays registered with
+    # epoll and holds no receive buffer while idle.
+    try:
+        tcp = await AppSocket.wrap(sock)
+    except BaseException:
+        stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+        raise
+
     async def sock_to_stream() -> None:
-        buf = bytearray(BUFFER)
         while True:
             try:
-                n = await loop.sock_recv_into(sock, buf)
+                data = await tcp.read()
             except (ConnectionResetError, BrokenPipeError):
                 stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
                 raise
-            if n == 0:
+            if not data:
                 stream.end()
                 return
-            await stream.write(memoryview(buf)[:n])
-            add(up_attr, n)
+            await stream.write(data)
+            add(up_attr, len(data))
 
     async def stream_to_sock() -> None:
         while True:
             data = await stream.read()
             if not data:
-                try:
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
+                tcp.write_eof()
                 return
-            await loop.sock_sendall(sock, data)
+            await tcp.write(data)
             add(down_attr, len(data))
 
     tasks = [asyncio.ensure_future(sock_to_stream()), asyncio.ensure_future(stream_to_sock())]
@@ -89,9 +91,9 @@ async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
     finally:
         if outcome == "reset":
             stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
-            abort(sock)
+            tcp.abort()
         else:
-            sock.close()
+            tcp.close()
     return outcome
 
 
