@@ -143,10 +143,13 @@ def markdown(results: Mapping) -> str:
     return "\n".join(out)
 
 
-def collapsed_top(lines: Iterable[str], limit: int = 15) -> dict:
+def collapsed_top(lines: Iterable[str], limit: int = 15, thread_marker: str = "run_forever") -> dict:
     """Top functions by self and total samples from py-spy's raw (collapsed) output.
 
-    Each line: ``frame;frame;...;leaf COUNT`` (root first).
+    Each line: ``frame;frame;...;leaf COUNT`` (root first). Only stacks that
+    contain ``thread_marker`` count: the agent's data path is its event-loop
+    thread; idle thread-pool workers would otherwise dominate the samples
+    (py-spy cannot always tell a thread blocked on a lock from a running one).
     """
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
@@ -161,7 +164,7 @@ def collapsed_top(lines: Iterable[str], limit: int = 15) -> dict:
         except ValueError:
             continue
         frames = [f for f in stack.split(";") if f]
-        if not frames:
+        if not frames or (thread_marker and not any(thread_marker in f for f in frames)):
             continue
         samples += n
         self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n

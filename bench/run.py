@@ -86,7 +86,7 @@ def profile(bl: BenchLab, cfg: Config, out_dir: Path) -> dict | None:
         pid = bl.lab.agent_pid(node)
         files[node] = out_dir / f"profile-{node}.txt"
         procs[node] = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(secs),
-                                        "--rate", "200", "--format", "raw", "--nonblocking",
+                                        "--rate", "100", "--format", "raw",
                                         "--output", str(files[node])],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
@@ -100,10 +100,13 @@ def profile(bl: BenchLab, cfg: Config, out_dir: Path) -> dict | None:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    out = {"notes": [f"py-spy record --rate 200 --nonblocking for {secs}s on each agent while "
+    out = {"notes": [f"py-spy record --rate 100 (idle samples excluded) for {secs}s on each agent while "
                      f"{cfg.rr_conns_max} connections ran request/response at max rate through the mesh. "
-                     "Raw collapsed stacks are in the files named below; self % = samples where the "
-                     "function itself was on CPU (or blocked in a syscall), total % = on the stack."],
+                     "Raw collapsed stacks are in the files named below. Only the event-loop thread "
+                     "(the data path) is counted; self % = share of its samples with the function as the "
+                     "leaf (a syscall's time is its caller's: `EpollSelector.select` is the loop waiting "
+                     "for I/O, `_SelectorSocketTransport.write` and `sock_sendall` are send() calls, which "
+                     "on veth include the receiver's network stack), total % = on the stack."],
            "nodes": {}}
     for node, path in files.items():
         if path.exists():

@@ -32,8 +32,8 @@ def test_target_met(measured, goal, higher, met):
 
 
 def test_collapsed_top_counts_self_and_total():
-    lines = ["main;loop;read 30", "main;loop;write 10", "main;loop 60", "garbage"]
-    top = report.collapsed_top(lines)
+    lines = ["main;loop;read 30", "main;loop;write 10", "main;loop 60", "garbage", "worker;wait 500"]
+    top = report.collapsed_top(lines, thread_marker="main")
     assert top["samples"] == 100
     by = {f["function"]: f for f in top["top"]}
     assert by["loop"]["self_pct"] == 60.0 and by["loop"]["total_pct"] == 100.0
