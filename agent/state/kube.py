@@ -228,6 +228,7 @@ class KubeStateSource:
         self._generation = 0                # bumped by every store change
         self._built: tuple[int, ClusterState] | None = None
         self._build_seconds = 0.0           # how long the last ClusterState build took
+        self._reported_errors: set[str] = set()
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -358,6 +359,11 @@ class KubeStateSource:
             raise KubeError(f"annotate pod {namespace}/{name} via {self.description}: "
                             f"{_describe(exc)}") from None
 
+    async def annotate_pod_async(self, namespace: str, name: str,
+                                 annotations: dict[str, str | None]) -> dict:
+        """``annotate_pod`` off the event loop (the client blocks for up to ``request_timeout``)."""
+        return await asyncio.to_thread(self.annotate_pod, namespace, name, annotations)
+
     # -- snapshot ------------------------------------------------------------------------
 
     def _snapshot(self) -> tuple[int, ClusterState]:
@@ -372,8 +378,10 @@ class KubeStateSource:
         started = time.perf_counter()
         state = ClusterState.from_items(items, str(max(numeric)) if numeric else "")
         self._build_seconds = time.perf_counter() - started
-        for err in state.errors:
+        # Each problem once, not on every rebuild while the object stays bad.
+        for err in set(state.errors) - self._reported_errors:
             log.warning("cluster state from %s: skipped %s", self.description, err)
+        self._reported_errors = set(state.errors)
         with self._lock:
             if self._built is None or self._built[0] < generation:
                 self._built = (generation, state)

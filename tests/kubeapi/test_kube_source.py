@@ -216,11 +216,15 @@ def test_annotate_pod_round_trip(kubeapi, source_for):
              .get("ambient.istio.io/redirection") == "enabled", what="the annotation in the state")
     src.annotate_pod("shop", "web-0", {"ambient.istio.io/redirection": None})
     assert "ambient.istio.io/redirection" not in kubeapi.get("Pod", "shop", "web-0")["metadata"]["annotations"]
-    [patch] = kubeapi.requests_matching("/api/v1/namespaces/shop/pods/web-0", method="PATCH")[:1]
+    assert len(kubeapi.requests_matching("/api/v1/namespaces/shop/pods/web-0", method="PATCH")) == 2
     with pytest.raises(KubeError, match="annotate pod shop/missing.*404.*not found"):
         src.annotate_pod("shop", "missing", {"a": "b"})
     with pytest.raises(ValueError, match="must be strings"):
         src.annotate_pod("shop", "web-0", {"a": 1})
+    # From the event loop, without blocking it.
+    asyncio.run(src.annotate_pod_async("shop", "web-0", {"ambient.istio.io/redirection": "enabled"}))
+    assert kubeapi.get("Pod", "shop", "web-0")["metadata"]["annotations"]["ambient.istio.io/redirection"] \
+        == "enabled"
 
 
 def _free_port():
@@ -286,3 +290,33 @@ def test_open_state_source_kube_url(kubeapi, kubeconfig):
         assert len(src.load().pods) == 2
     finally:
         src.close()
+
+
+def test_watch_started_before_sync_reports_the_first_state(kubeapi, source_for):
+    populate(kubeapi)
+    kubeapi.set_crds_present(False)     # the last kinds to sync are the absent ones
+    src = source_for()
+    seen = []
+
+    async def run():
+        task = asyncio.ensure_future(src.watch(seen.append))
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(run())
+    assert seen and len(seen[0].pods) == 2 and src.synced
+
+
+def test_a_malformed_object_is_skipped_not_fatal(kubeapi, source_for):
+    populate(kubeapi)
+    bad = objects.pod("bad-0", "shop", ip="10.244.0.99")
+    bad["metadata"]["labels"] = ["not", "a", "map"]
+    kubeapi.create(bad)
+    src = source_for()
+    state = src.load()
+    assert state.pod("shop", "bad-0") is None and state.pod("shop", "web-0") is not None
+    assert any("bad-0" in e and "labels" in e for e in state.errors)
+    kubeapi.create(objects.pod("later", "shop", ip="10.244.0.50"))
+    wait_for(lambda: src.load().pod("shop", "later"), what="events after a bad object")
