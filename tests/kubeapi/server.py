@@ -30,7 +30,10 @@ What is implemented, following the Kubernetes API conventions
 * security.istio.io v1/v1beta1 resources that answer 404 while the test
   says their CRD version is absent.
 
-Partial, on purpose: plain HTTP (no TLS), no PUT, no JSON patch (415), no
+``KubeApiServer(tls=True)`` serves HTTPS with a throw-away CA that
+``kubeconfig()`` writes as certificate-authority-data.
+
+Partial, on purpose: no PUT, no JSON patch (415), no
 admission, no cascading deletes, no generateName.
 """
 
@@ -237,13 +240,17 @@ class KubeApiServer:
     def __init__(self, *, token: str = "test-client-token", bookmark_interval: float = 1.0,
                  default_watch_timeout: float = 1800.0,
                  api_audiences: tuple[str, ...] = ("https://kubernetes.default.svc.cluster.local",),
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
         self.client_tokens = {token}
         self.token = token
         self.bookmark_interval = bookmark_interval
         self.default_watch_timeout = default_watch_timeout
         self.api_audiences = list(api_audiences)
         self._host, self._port = host, port
+        # HTTPS like a real API server: a throw-away CA signs a serving
+        # certificate for the host; kubeconfig() hands the CA to the client.
+        self.ca_pem: bytes | None = None
+        self._tls_context = _tls_context(self, host) if tls else None
         self._cond = threading.Condition()
         self._rv = 0
         self._stores: dict[tuple[str, str], dict[tuple[str, str], dict]] = {}
@@ -269,7 +276,9 @@ class KubeApiServer:
         class Handler(_Handler):
             server_api = api
 
-        self._server = ThreadingHTTPServer((self._host, self._port), Handler)
+        self._server = (_TlsHttpServer if self._tls_context else ThreadingHTTPServer)(
+            (self._host, self._port), Handler)
+        self._server.tls_context = self._tls_context
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="kubeapi",
                                         kwargs={"poll_interval": 0.05}, daemon=True)
@@ -302,19 +311,25 @@ class KubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self._host}:{self.port}"
+        return f"{'https' if self._tls_context else 'http'}://{self._host}:{self.port}"
 
     def kubeconfig(self, path: str | os.PathLike, token: str | None = None) -> str:
         """Write a kubeconfig for this server (the official client loads it); returns the path."""
         doc = {
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "test", "cluster": self._cluster_entry()}],
             "users": [{"name": "test", "user": {"token": token if token is not None else self.token}}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
         }
         with open(path, "w") as fh:
             json.dump(doc, fh)      # JSON is YAML: the client's loader reads it
         return str(path)
+
+    def _cluster_entry(self) -> dict:
+        entry = {"server": self.url}
+        if self.ca_pem is not None:
+            entry["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
+        return entry
 
     # -- test controls ---------------------------------------------------------
 
@@ -566,6 +581,65 @@ class KubeApiServer:
             rendered = [self._render(r, o, in_list=True) for o in items]
         return {"kind": f"{r.kind}List", "apiVersion": r.api_version, "metadata": meta,
                 "items": rendered}
+
+
+class _TlsHttpServer(ThreadingHTTPServer):
+    tls_context = None
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        # The handshake runs in the request's thread (on first read), so a
+        # slow client cannot stall the accept loop.
+        return self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+
+def _tls_context(api: "KubeApiServer", host: str):
+    import datetime
+    import ipaddress
+    import ssl
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeapi-test-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                         critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        san = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([san, x509.DNSName("kubernetes.default.svc")]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    api.ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_path, key_path = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+        with open(cert_path, "wb") as fh:
+            fh.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(key_path, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx
 
 
 class _Handler(BaseHTTPRequestHandler):

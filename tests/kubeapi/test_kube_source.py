@@ -320,3 +320,15 @@ def test_a_malformed_object_is_skipped_not_fatal(kubeapi, source_for):
     assert any("bad-0" in e and "labels" in e for e in state.errors)
     kubeapi.create(objects.pod("later", "shop", ip="10.244.0.50"))
     wait_for(lambda: src.load().pod("shop", "later"), what="events after a bad object")
+
+
+def test_source_over_https(tmp_path):
+    with KubeApiServer(tls=True) as api:
+        populate(api)
+        src = KubeStateSource(api.kubeconfig(tmp_path / "kc"), **FAST)
+        try:
+            assert len(src.load().pods) == 2
+            api.create(objects.pod("tls-1", "shop", ip="10.244.0.60"))
+            wait_for(lambda: src.load().pod("shop", "tls-1"), what="an event over HTTPS")
+        finally:
+            src.close()

@@ -350,3 +350,28 @@ def test_server_restarts_on_the_same_port():
         port = first.port
     with KubeApiServer(port=port) as second:
         assert second.url.endswith(f":{port}")
+
+
+def test_https_with_the_kubeconfig_ca(tmp_path):
+    import ssl
+
+    from kubernetes import config
+    with KubeApiServer(tls=True) as api:
+        assert api.url.startswith("https://127.0.0.1:")
+        api.create(objects.pod("a"))
+        good = config.new_client_from_config(config_file=api.kubeconfig(tmp_path / "kc"))
+        assert [p.metadata.name for p in client.CoreV1Api(good).list_pod_for_all_namespaces().items] == ["a"]
+        good.close()
+        # Without the CA the client refuses the server: the TLS is real.
+        with open(tmp_path / "kc") as fh:
+            doc = __import__("json").load(fh)
+        del doc["clusters"][0]["cluster"]["certificate-authority-data"]
+        (tmp_path / "noca").write_text(__import__("json").dumps(doc))
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(tmp_path / "noca"), client_configuration=cfg)
+        cfg.retries = False
+        bare = client.ApiClient(cfg)
+        with pytest.raises(Exception) as err:
+            client.CoreV1Api(bare).list_namespace()
+        assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) or isinstance(err.value, ssl.SSLError)
+        bare.close()
