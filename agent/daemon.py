@@ -513,8 +513,11 @@ class NodeAgent:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the node agent")
     p.add_argument("--node", required=True, help="name of the node this agent serves")
-    p.add_argument("--state", default="file:/run/ambient-agent/state.json",
-                   help=STATE_URL_HELP)
+    # Inside a cluster (the kubelet sets KUBERNETES_SERVICE_HOST in every
+    # container) the API is the source; elsewhere, a state file.
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    p.add_argument("--state", default="kube" if in_cluster else "file:/run/ambient-agent/state.json",
+                   help=STATE_URL_HELP + " (default: kube inside a cluster, else file:/run/ambient-agent/state.json)")
     p.add_argument("--run-dir", default="/run/ambient-agent",
                    help="control socket and pod records")
     p.add_argument("--pin-dir", default="/sys/fs/bpf/ambient-agent",
