@@ -411,6 +411,7 @@ class KubeStateSource:
         st = self.status[kind.name]
         rv: str | None = None       # None: a list is needed
         version = kind.versions[0]
+        gone_in_a_row = 0
         while not self._stop.is_set():
             try:
                 if rv is None:
@@ -424,20 +425,27 @@ class KubeStateSource:
                     backoff.reset()
                 events = self._watch(kind, version, rv)
                 rv = self.status[kind.name].resource_version or rv
+                gone_in_a_row = 0
                 if events == 0 and not self._stop.is_set():
                     # A stream that ended without a single event or bookmark
                     # may be a server ending watches at once: do not spin.
                     self._stop.wait(backoff.next())
                 else:
                     backoff.reset()
-            except _Gone:
-                with self._lock:
-                    st.relists += 1
-                log.info("kube %s: resourceVersion %s expired (410 Gone), relisting", kind.name, rv)
-                rv = None
             except Exception as exc:    # the loop must survive anything the network does
                 if self._stop.is_set():
                     return
+                if isinstance(exc, _Gone) or _status_of(exc) == 410:
+                    # 410 as an ERROR event or as the watch's HTTP status.
+                    with self._lock:
+                        st.relists += 1
+                    log.info("kube %s: resourceVersion %s expired (410 Gone), relisting", kind.name, rv)
+                    rv = None
+                    gone_in_a_row += 1
+                    if gone_in_a_row > 1:
+                        # A fresh list's version already too old: do not hammer the server.
+                        self._stop.wait(backoff.next())
+                    continue
                 message = _describe(exc)
                 if _status_of(exc) == 404 and kind.optional:
                     rv = None           # the CRD went away under the watch: list again

@@ -332,3 +332,16 @@ def test_source_over_https(tmp_path):
             wait_for(lambda: src.load().pod("shop", "tls-1"), what="an event over HTTPS")
         finally:
             src.close()
+
+
+def test_http_410_on_a_watch_request_relists(kubeapi, source_for):
+    populate(kubeapi)
+    src = source_for()
+    src.load()
+    kubeapi.fail_next.append(("/api/v1/pods", 410))     # the re-watch is refused with 410
+    kubeapi.drop_watches()
+    wait_for(lambda: src.sync_status()["kinds"]["pods"]["lists"] == 2, what="a relist")
+    status = src.sync_status()["kinds"]["pods"]
+    assert status["relists"] == 1 and status["errors"] == 0
+    kubeapi.create(objects.pod("after", "shop", ip="10.244.0.70"))
+    wait_for(lambda: src.load().pod("shop", "after"), what="events after the relist")
