@@ -62,7 +62,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from agent.state.model import ClusterState, StateError

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import itertools
 import json
 import os
 import socket

@@ -45,10 +45,6 @@ def wait_for(predicate, timeout=10.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def state_of(src):
-    return src.load()
-
-
 def populate(api):
     api.create(objects.namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
     api.create(objects.namespace("istio-system"))
