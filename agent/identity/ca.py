@@ -170,7 +170,7 @@ class CaServer:
         # file:PATH or kube[:KUBECONFIG] (pods from the API, for the "pod on
         # the caller's node" check); a bare `kube` uses --kubeconfig, else
         # in-cluster config. The kube source's first load() waits for sync.
-        self._source = open_state_source(config.state, kubeconfig=config.kubeconfig)
+        self._source = open_state_source(config.state, kubeconfig=config.kubeconfig, kinds=("pods",))
         self._state = ClusterState.from_items([])
         self._server: grpc.aio.Server | None = None
         self._owned_authenticator: Authenticator | None = None

@@ -2,8 +2,10 @@
 
 Same contract as ``agent/state/file.py``'s ``FileStateSource`` (``load()``,
 ``async watch(on_change, interval)``), same ``ClusterState`` model: one
-model, two sources. Watched kinds: Namespaces, Nodes, Pods (every node: the
-data path resolves destination pods by IP), Services, EndpointSlices, and
+model, two sources. Watched kinds (``AGENT_KINDS``; the CA watches only
+pods, ``CA_KINDS``; Nodes are available with ``kinds=``): Namespaces, Pods
+(every node: the data path resolves destination pods by IP), Services,
+EndpointSlices, and
 Istio's AuthorizationPolicy and PeerAuthentication (security.istio.io v1,
 falling back to v1beta1; both answering 404 means the CRDs are not
 installed, which is not an error: the kind counts as synced and empty and is
@@ -163,7 +165,7 @@ class WatchedKind:
     optional: bool = False
 
 
-WATCHED_KINDS = (
+KNOWN_KINDS = (
     WatchedKind("namespaces", "Namespace", "", ("v1",)),
     WatchedKind("nodes", "Node", "", ("v1",)),
     WatchedKind("pods", "Pod", "", ("v1",)),
@@ -172,6 +174,32 @@ WATCHED_KINDS = (
     WatchedKind("authorizationpolicies", "AuthorizationPolicy", ISTIO_SECURITY, ("v1", "v1beta1"), True),
     WatchedKind("peerauthentications", "PeerAuthentication", ISTIO_SECURITY, ("v1", "v1beta1"), True),
 )
+_BY_NAME = {k.name: k for k in KNOWN_KINDS}
+
+# What the node agent reads (enrolment, routing, policy). Not Nodes: no
+# agent code reads them, and the chart's RBAC does not grant them (a kind
+# the API forbids never syncs, and the source would never be ready).
+AGENT_KINDS = ("namespaces", "pods", "services", "endpointslices", "authorizationpolicies",
+               "peerauthentications")
+# What the CA reads: the pods on the caller's node.
+CA_KINDS = ("pods",)
+WATCHED_KINDS = tuple(_BY_NAME[n] for n in AGENT_KINDS)
+
+
+def watched_kinds(kinds) -> tuple[WatchedKind, ...]:
+    """``WatchedKind``s from kinds or their resource names (``"pods"``)."""
+    out = []
+    for k in kinds:
+        if isinstance(k, WatchedKind):
+            out.append(k)
+        elif k in _BY_NAME:
+            out.append(_BY_NAME[k])
+        else:
+            raise ValueError(f"unknown kind {k!r} for the kube state source; known: "
+                             f"{', '.join(_BY_NAME)}")
+    if not out:
+        raise ValueError("the kube state source needs at least one kind to watch")
+    return tuple(out)
 
 
 @dataclass
@@ -209,11 +237,11 @@ class KubeStateSource:
     """The cluster state from the Kubernetes API (see the module docstring)."""
 
     def __init__(self, kubeconfig: str | None = None, *, in_cluster: bool | None = None,
-                 kinds: tuple[WatchedKind, ...] = WATCHED_KINDS, watch_timeout: int = 300,
+                 kinds=WATCHED_KINDS, watch_timeout: int = 300,
                  backoff_min: float = 0.2, backoff_max: float = 30.0, crd_retry_interval: float = 60.0,
                  coalesce: float = 0.05, sync_timeout: float = 60.0, page_size: int = 500,
                  connect_timeout: float = 5.0, request_timeout: float = 30.0) -> None:
-        self.kinds = kinds
+        self.kinds = kinds = watched_kinds(kinds)
         self.watch_timeout = watch_timeout
         self.backoff_min, self.backoff_max = backoff_min, backoff_max
         self.crd_retry_interval = crd_retry_interval
@@ -700,6 +728,6 @@ def _api_client(kubeconfig: str | None, in_cluster: bool | None):
         raise StateError(f"kube state source: cannot load the client configuration: "
                          f"{' '.join(str(exc).split())}") from None
     # One connection per watched kind plus writes; retries are ours (backoff).
-    cfg.connection_pool_maxsize = len(WATCHED_KINDS) + 4
+    cfg.connection_pool_maxsize = len(KNOWN_KINDS) + 4
     cfg.retries = False
     return client.ApiClient(cfg), f"{cfg.host} ({where})"

@@ -32,8 +32,8 @@ def parse_source_url(url: str) -> tuple[str, str | None]:
 def open_state_source(url: str, *, kubeconfig: str | None = None, **kube_options):
     """The source ``url`` names; ``kubeconfig`` is the default for a bare ``kube``.
 
-    ``kube_options`` go to ``KubeStateSource`` (timeouts, backoff); a file
-    source ignores them. Raises ``StateError`` for a bad URL or an unusable
+    ``kube_options`` go to ``KubeStateSource`` (``kinds``, timeouts,
+    backoff); a file source ignores them. Raises ``StateError`` for a bad URL or an unusable
     client configuration (a missing kubeconfig), never for an unreachable
     API server: that is retried in the background.
     """

@@ -75,7 +75,7 @@ def test_initial_sync_builds_the_cluster_state(kubeapi, source_for):
     assert set(state.namespaces) == {"shop", "istio-system"}
     assert state.namespace("shop")["metadata"]["labels"]["istio.io/dataplane-mode"] == "ambient"
     assert state.service("shop", "web")["spec"]["clusterIP"] == "10.96.0.10"
-    assert state.node("node-a")["status"]["addresses"][0]["address"] == "172.18.0.2"
+    assert state.nodes == {}        # not watched by default (nobody reads them, RBAC)
     assert state.pod_by_ip("10.244.0.6")["metadata"]["name"] == "db-0"
     assert [s["metadata"]["name"] for s in state.objects_of_kind("EndpointSlice", "discovery.k8s.io")] \
         == ["web-abc"]
@@ -341,3 +341,24 @@ def test_http_410_on_a_watch_request_relists(kubeapi, source_for):
     assert status["relists"] == 1 and status["errors"] == 0
     kubeapi.create(objects.pod("after", "shop", ip="10.244.0.70"))
     wait_for(lambda: src.load().pod("shop", "after"), what="events after the relist")
+
+
+def test_nodes_on_request_and_a_forbidden_kind_is_never_synced(kubeapi, source_for):
+    populate(kubeapi)
+    src = source_for(kinds=("pods", "nodes"))
+    assert src.load().node("node-a")["status"]["addresses"][0]["address"] == "172.18.0.2"
+    assert not kubeapi.requests_matching("/api/v1/namespaces")
+    kubeapi.refused["/api/v1/nodes"] = 403
+    forbidden = source_for(kinds=("pods", "nodes"), sync_timeout=0.5)
+    with pytest.raises(StateError, match="nodes: HTTP 403"):
+        forbidden.load()
+    with pytest.raises(ValueError, match="unknown kind 'secrets'"):
+        source_for(kinds=("secrets",))
+
+
+def test_ca_kinds_watch_only_pods(kubeapi, source_for):
+    populate(kubeapi)
+    src = source_for(kinds=("pods",))
+    assert len(src.load().pods) == 2 and src.load().namespaces == {}
+    watched = {r.path for r in kubeapi.requests}
+    assert watched == {"/api/v1/pods"}

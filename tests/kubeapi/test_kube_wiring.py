@@ -94,6 +94,8 @@ def test_ca_process_with_state_kube(kubeapi, kubeconfig, env, tmp_path):
     output = log_path.read_text()
     assert "first sync complete" in output
     assert kubeapi.requests_matching("/api/v1/pods", watch=True)
+    # The CA reads pods only (its RBAC grants nothing else).
+    assert {r.path for r in kubeapi.requests} == {"/api/v1/pods"}
 
 
 def test_agent_run_with_an_unusable_kubeconfig_exits_with_a_clear_error(tmp_path):
