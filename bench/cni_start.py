@@ -5,7 +5,7 @@
 Installs the PyInstaller onedir bundle (``make cni-plugin``) with
 ``ambient-agent install-cni --once`` into a temporary bin/conf dir, then times
 (wall clock, fork to exit) VERSION and ADD runs of the installed plugin:
-ADD with ``"state": "kube"`` against the test-only API server and ADD with a
+ADD with ``"state": "kube"`` against the test-only API server over HTTPS and ADD with a
 ``file:`` state, both against a stand-in agent on a Unix socket answering
 "enrolled". For comparison: the venv's console script (a Python start), and
 with ``--onefile`` a onefile build of the same plugin (it unpacks itself to
@@ -70,14 +70,14 @@ def main() -> int:
     # The real API server (Go net/http) sets TCP_NODELAY on every connection.
     kubeapi_server._Handler.disable_nagle_algorithm = True
     rows = []
-    with tempfile.TemporaryDirectory(prefix="cni-bench-") as tmp, KubeApiServer() as api:
+    with tempfile.TemporaryDirectory(prefix="cni-bench-") as tmp, KubeApiServer(tls=True) as api:
         tmp = Path(tmp)
         bin_dir, conf_dir = tmp / "bin", tmp / "net.d"
         bin_dir.mkdir()
         conf_dir.mkdir()
         (conf_dir / "10-flannel.conflist").write_bytes(FLANNEL)
         (tmp / "token").write_text(api.token)
-        (tmp / "ca.crt").write_text("unused over http\n")
+        (tmp / "ca.crt").write_bytes(api.ca_pem)         # HTTPS, verified, as on a cluster
         sock = str(tmp / "agent.sock")
         subprocess.run([sys.executable, "-m", "agent.cli", "install-cni", "--once",
                         "--cni-bin-dir", str(bin_dir), "--cni-conf-dir", str(conf_dir),

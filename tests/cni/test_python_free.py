@@ -8,7 +8,8 @@ machine is hidden (interpreters, their libraries, libpython, pyenv, the
 virtualenv, the build tree), after first proving inside that namespace that
 no Python can be found or run. VERSION and two ADDs (a pod of a mesh
 namespace, enrolled through a stand-in agent; a pod outside the mesh) must
-give the right CNI results, with the pod read over HTTP from the test-only
+give the right CNI results, with the pod read over HTTPS (verified against
+the CA install-cni embedded in the plugin's kubeconfig) from the test-only
 API server.
 """
 
@@ -77,7 +78,9 @@ def test_installed_plugin_runs_with_every_python_hidden(bundle, tmp_path):
     (conf_dir / "10-flannel.conflist").write_bytes(FLANNEL)
     sock = str(tmp_path / "agent.sock")
 
-    with KubeApiServer() as api:
+    # HTTPS with the stand-in's throw-away CA: the bundle's own ssl and
+    # libssl verify the server against the CA install-cni embedded.
+    with KubeApiServer(tls=True) as api:
         api.create(objects.namespace("mesh", AMBIENT))
         api.create(objects.namespace("plain"))
         for ns in ("mesh", "plain"):
@@ -85,7 +88,8 @@ def test_installed_plugin_runs_with_every_python_hidden(bundle, tmp_path):
             pod["metadata"]["uid"] = f"uid-{ns}"
             api.create(pod)
         (tmp_path / "token").write_text(api.token)
-        (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+        (tmp_path / "ca.crt").write_bytes(api.ca_pem)
+        assert api.url.startswith("https://")
 
         done = subprocess.run(
             [sys.executable, "-m", "agent.cli", "install-cni", "--once", "--cni-bin-dir", str(bin_dir),

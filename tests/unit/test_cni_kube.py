@@ -4,21 +4,13 @@ test-only API server (tests/kubeapi), and a stand-in node agent."""
 
 from __future__ import annotations
 
-import base64
-import datetime
-import ipaddress
 import json
-import ssl
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.kubeapi import objects
 from tests.kubeapi.server import KubeApiServer
-from tests.unit.test_cni_plugin import AMBIENT, ENROLLED, PREV_100, FakeAgent, Lab
+from tests.unit.test_cni_plugin import AMBIENT, PREV_100, Lab
 
 UID = "0d7c1f0a-5b7e-4c39-9a57-3c1b2c6e1f00"
 
@@ -137,51 +129,37 @@ def test_a_kubeconfig_that_is_not_json_is_reported(lab, tmp_path):
 
 # -- HTTPS with the kubeconfig's CA, as install-cni writes it -------------------------------
 
-def _cert(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (tmp_path / "api.crt").write_bytes(pem)
-    (tmp_path / "api.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-    return pem
-
-
-def _https(api, tmp_path, ca_pem: bytes) -> str:
-    """Serve the stand-in over TLS (it speaks plain HTTP) and write install-cni's kubeconfig shape."""
+def _install_cni_kubeconfig(tmp_path, server: str, ca_pem: bytes, token: str) -> str:
     from cni.install import kubeconfig
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tmp_path / "api.crt", tmp_path / "api.key")
-    api._server.socket = ctx.wrap_socket(api._server.socket, server_side=True)
     path = tmp_path / "tls-kubeconfig"
-    path.write_text(json.dumps(kubeconfig(f"https://127.0.0.1:{api.port}", ca_pem, api.token)))
+    path.write_text(json.dumps(kubeconfig(server, ca_pem, token)))
     return str(path)
 
 
-def test_https_with_the_embedded_ca(lab, api, tmp_path):
-    lab.kubeconfig = _https(api, tmp_path, _cert(tmp_path))
+@pytest.fixture
+def tls_api():
+    with KubeApiServer(tls=True) as server:
+        yield server
+
+
+def test_https_with_the_embedded_ca(tmp_path, tls_api):
+    lab = KubeLab(tmp_path, tls_api)
+    lab.kubeconfig = _install_cni_kubeconfig(tmp_path, tls_api.url, tls_api.ca_pem, tls_api.token)
+    assert tls_api.url.startswith("https://")
     lab.objects(ns_labels=AMBIENT)
     agent = lab.agent()
-    result = lab.add()
+    try:
+        result = lab.add()
+    finally:
+        agent.close()
     assert result.code == 0, result
     assert [r["op"] for r in agent.requests] == ["cni-add"]
 
 
-def test_https_with_a_foreign_ca_is_refused(lab, api, tmp_path):
-    _cert(tmp_path)
-    (tmp_path / "other").mkdir()
-    other = _cert(tmp_path / "other")                     # a different self-signed CA
-    lab.kubeconfig = _https(api, tmp_path, other)
+def test_https_with_a_foreign_ca_is_refused(tmp_path, tls_api):
+    other_ca = KubeApiServer(tls=True).ca_pem                 # never started: only its CA is used
+    lab = KubeLab(tmp_path, tls_api)
+    lab.kubeconfig = _install_cni_kubeconfig(tmp_path, tls_api.url, other_ca, tls_api.token)
     lab.objects(ns_labels=AMBIENT)
     result = lab.add()
     assert result.code == 1 and result.out["code"] == 11
