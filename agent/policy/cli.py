@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "explain", help="explain the decision for one connection between two pods",
         description="Evaluate a connection from one pod to another pod's port against the policies of a "
                     "cluster state. Exit 0: allowed; 1: denied; 2: the question cannot be asked.")
-    explain.add_argument("--state", required=True, help="cluster state source (file:PATH)")
+    explain.add_argument("--state", required=True,
+                         help="cluster state source: file:PATH, kube or kube:KUBECONFIG")
     explain.add_argument("--from", dest="source", required=True, metavar="NS/POD|IP",
                          help="the client pod, or an IP address (a plaintext client outside the mesh)")
     explain.add_argument("--to", dest="destination", required=True, metavar="NS/POD:PORT",
@@ -140,11 +141,17 @@ def _explain(args: argparse.Namespace) -> int:
     import ipaddress
 
     from agent.policy.engine import PolicySet, Request
-    from agent.state.file import FileStateSource, parse_state_url
     from agent.state.model import StateError
+    from agent.state.source import open_state_source
 
     try:
-        state = FileStateSource(parse_state_url(args.state)).load()
+        source = open_state_source(args.state)
+        try:
+            state = source.load()
+        finally:
+            close = getattr(source, "close", None)     # the kube source's threads and connections
+            if close is not None:
+                close()
         target, colon, port_text = args.destination.rpartition(":")
         if not colon or not port_text.isdigit() or int(port_text) > 65535:
             raise _Usage(f"--to {args.destination!r}: expected NAMESPACE/POD:PORT")

@@ -104,3 +104,18 @@ def test_agent_run_with_an_unusable_kubeconfig_exits_with_a_clear_error(tmp_path
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
     assert f"kubeconfig {tmp_path}/missing does not exist" in out.stderr
+
+
+def test_policy_explain_reads_the_api(kubeapi, kubeconfig):
+    from tests.kubeapi import objects
+    kubeapi.create(objects.pod("api", "backend", ip="198.18.1.10", labels={"app": "api"}, service_account="api"))
+    kubeapi.create(objects.pod("website", "frontend", ip="198.18.2.10", labels={"app": "website"},
+                               service_account="website"))
+    kubeapi.create(objects.authorization_policy("allow-website", "backend",
+                                                principals=["cluster.local/ns/frontend/sa/website"]))
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "policy", "explain", "--state", f"kube:{kubeconfig}",
+                          "--from", "frontend/website", "--to", "backend/api:8080"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ALLOWED: frontend/website -> backend/api:8080" in out.stdout
+    assert "allowed by ALLOW policy backend/allow-website rule 0" in out.stdout

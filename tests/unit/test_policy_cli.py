@@ -217,8 +217,10 @@ def test_explain_cannot_ask_exit_2(tmp_path):
         result = policy("explain", "--state", state, *args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert words in result.stderr, (args, result.stderr)
-    bad_state = policy("explain", "--state", "kube", "--from", "a/b", "--to", "c/d:1")
-    assert bad_state.returncode == 2 and "not implemented" in bad_state.stderr
+    bad_state = policy("explain", "--state", "etcd:x", "--from", "a/b", "--to", "c/d:1")
+    assert bad_state.returncode == 2 and "unsupported state source 'etcd:x'" in bad_state.stderr
+    no_config = policy("explain", "--state", "kube:/nonexistent/kubeconfig", "--from", "a/b", "--to", "c/d:1")
+    assert no_config.returncode == 2 and "/nonexistent/kubeconfig does not exist" in no_config.stderr
 
 
 def test_policy_is_a_registered_sub_command():
