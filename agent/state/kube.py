@@ -5,12 +5,13 @@ Same contract as ``agent/state/file.py``'s ``FileStateSource`` (``load()``,
 model, two sources. Watched kinds (``AGENT_KINDS``; the CA watches only
 pods, ``CA_KINDS``; Nodes are available with ``kinds=``): Namespaces, Pods
 (every node: the data path resolves destination pods by IP), Services,
-EndpointSlices, and
-Istio's AuthorizationPolicy and PeerAuthentication (security.istio.io v1,
-falling back to v1beta1; both answering 404 means the CRDs are not
-installed, which is not an error: the kind counts as synced and empty and is
-tried again every ``crd_retry_interval`` seconds, so CRDs installed later
-are picked up).
+EndpointSlices, and Istio's AuthorizationPolicy and PeerAuthentication
+(security.istio.io v1, falling back to v1beta1; both answering 404 means the
+CRDs are not installed, which is not an error: the kind counts as synced and
+empty and is tried again every ``crd_retry_interval`` seconds, so CRDs
+installed later are picked up). Any other refusal (403 from missing RBAC)
+keeps that kind, and so the source, unsynced: policies that cannot be read
+must not look like "no policies".
 
 Per kind, one daemon thread (the official client is synchronous):
 
@@ -28,8 +29,9 @@ Per kind, one daemon thread (the official client is synchronous):
 
 Threads only mutate their kind's store under a lock and wake the asyncio
 loop through ``call_soon_threadsafe``; the loop coalesces a burst of events
-into one ``ClusterState`` rebuild (at most one per ``coalesce`` seconds), so
-10,000 ADDED events cost one rebuild, not 10,000.
+into one ``ClusterState`` rebuild (rebuilds at least ``coalesce`` seconds
+apart, and spaced so they take at most a fifth of the loop's time), so
+10,000 ADDED events cost a few rebuilds, not 10,000.
 
 Stored objects carry ``kind`` and ``apiVersion`` (list items come without
 them and get the list's) and are trimmed (``trim_object``): no
