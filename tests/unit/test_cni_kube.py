@@ -127,6 +127,23 @@ def test_a_kubeconfig_that_is_not_json_is_reported(lab, tmp_path):
     assert "not a JSON object" in result.out["details"]
 
 
+def test_check_reads_the_api_and_asks_the_agent(lab):
+    lab.objects(ns_labels=AMBIENT)
+    agent = lab.agent(reply={"ok": True, "pods": [{"namespace": "mesh", "name": "web", "uid": UID,
+                                                   "enrolled": False, "reason": "capture lost"}]})
+    result = lab.run(lab.config(), lab.env("CHECK"))
+    assert result.code == 1 and result.out["code"] == 100, result     # must be meshed, is not
+    assert agent.requests == [{"op": "status"}]
+
+
+def test_del_needs_no_api(lab, api):
+    agent = lab.agent(reply={"ok": True})
+    api.stop()
+    result = lab.run(lab.config(prev=None), lab.env("DEL"))
+    assert result.code == 0 and result.out is None, result
+    assert agent.requests[0]["op"] == "cni-del"
+
+
 # -- HTTPS with the kubeconfig's CA, as install-cni writes it -------------------------------
 
 def _install_cni_kubeconfig(tmp_path, server: str, ca_pem: bytes, token: str) -> str:
