@@ -54,13 +54,14 @@ unit: setup
 # onedir rather than onefile: onefile unpacks itself to /tmp on every run
 # (measured in bench/cni_start.py). PyInstaller needs a Python built with a
 # shared libpython (the venv's has one; Debian's python3 + libpython3.11 too)
-# and binutils. Rebuilt only when the plugin's sources change.
+# and binutils (strip). Rebuilt only when the plugin's sources change.
 PYINSTALLER_VER ?= 6.22.3
 CNI_BUNDLE      := build/cni/ambient-cni
 CNI_SOURCES     := cni/ambient-cni.spec $(wildcard cni/*.py) $(wildcard agent/enrol/*.py) agent/__init__.py agent/state/model.py
-cni-plugin: build/cni/.stamp-ambient-cni
+cni-plugin: $(CNI_BUNDLE)/ambient-cni
 
-build/cni/.stamp-ambient-cni: $(CNI_SOURCES) | $(STAMP)
+# The executable is the target: a deleted bundle is rebuilt, not trusted to a stamp.
+$(CNI_BUNDLE)/ambient-cni: $(CNI_SOURCES) | $(STAMP)
 	@$(VPY) -c 'import PyInstaller' 2>/dev/null || $(VPY) -m pip install -q "pyinstaller==$(PYINSTALLER_VER)"
 	@rm -rf $(CNI_BUNDLE) build/cni/work
 	$(VPY) -m PyInstaller --noconfirm --clean --log-level WARN --distpath build/cni --workpath build/cni/work \

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare")
 @pytest.fixture(scope="module")
 def bundle() -> Path:
     # `make test` builds it first; this keeps a lone pytest run honest too
-    # (idempotent: a stamp on the plugin's sources).
+    # (idempotent: rebuilt only when the plugin's sources are newer than the bundle).
     done = subprocess.run(["make", "-s", "cni-plugin"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.access(BUNDLE / "ambient-cni", os.X_OK)
