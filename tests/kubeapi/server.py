@@ -643,6 +643,10 @@ def _tls_context(api: "KubeApiServer", host: str):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two sends; with Nagle the body would wait
+    # for the client's delayed ACK (40 ms a request). The real API server
+    # (Go net/http) sets TCP_NODELAY on every connection too.
+    disable_nagle_algorithm = True
     server_api: KubeApiServer
 
     def log_message(self, fmt, *args) -> None:     # quiet: tests read api.requests
