@@ -172,7 +172,7 @@ def test_schema_rejects_bad_values(helm_env):
         assert "schema" in proc.stderr.lower(), proc.stderr
 
 
-def test_notes_say_what_is_not_implemented(helm_env, tmp_path):
+def test_notes_say_what_is_untested(helm_env, tmp_path):
     # `helm template` does not print NOTES.txt and helm 3's `install --dry-run`
     # wants a cluster: render a copy of NOTES.txt as an ordinary template.
     chart = tmp_path / "ambient-agent"
@@ -185,7 +185,7 @@ def test_notes_say_what_is_not_implemented(helm_env, tmp_path):
     out = _helm(helm_env, "template", RELEASE, str(chart), "--namespace", NAMESPACE,
                 "--show-only", "templates/notes-render.yaml").stdout
     notes = yaml.safe_load(out)["data"]["notes"]
-    assert "`kube` state source" in notes and "not implemented" in notes
+    assert "not implemented" not in notes.lower() and "Not yet run on a real cluster" in notes
     assert "install-cni" in notes and "chains ambient-cni last" in notes and "does not exist yet" not in notes
     assert f"Secret \"cacerts\" in {NAMESPACE}" in notes
 
