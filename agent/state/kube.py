@@ -48,7 +48,7 @@ built ``ClusterState``, minus an empty cluster's sync; 2 shared cores):
 about 80 MiB per 10,000 pods (77-83 MiB, ~8 KiB a pod), plus ~26 MiB fixed
 for the client's lazily imported API modules. Untrimmed and unpacked (all
 raw pages kept until the end) the same sync grew RSS by 273 MiB. First sync
-5.5-8.5 s for 10,000 pods (most of it JSON decoding in this process); one
+4.9-8.5 s for 10,000 pods (most of it JSON decoding in this process); one
 rebuild of the ClusterState 50-130 ms. See MEMORY_PER_10K_PODS.
 
 Readiness: ``synced`` is True once every kind has completed its first full
@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 # project's CI machine kind (2 cores, loopback API server).
 MEMORY_PER_10K_PODS = ("about 80 MiB RSS for 10,000 pods (measured 77-83 MiB, ~8 KiB a pod) on top "
                        "of ~26 MiB fixed (the client's lazily loaded API modules, threads); first "
-                       "sync of 10,000 pods 5.5-8.5 s, dominated by JSON decoding; one ClusterState "
+                       "sync of 10,000 pods 4.9-8.5 s, dominated by JSON decoding; one ClusterState "
                        "rebuild 50-130 ms")
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
