@@ -472,6 +472,9 @@ class NodeAgent:
         policies = self.policies()
         return {
             "node": self.config.node,
+            "state_source": {"url": self.config.state_url, "version": self.state.resource_version,
+                             "synced": self._synced,
+                             **({"sync": self.source.sync_status()} if hasattr(self.source, "sync_status") else {})},
             "workloads": [{"namespace": ns, "name": name, "node": (p.get("spec") or {}).get("nodeName"),
                            "ips": [i.get("ip") for i in (p.get("status") or {}).get("podIPs") or []],
                            "service_account": (p.get("spec") or {}).get("serviceAccountName") or "default"}

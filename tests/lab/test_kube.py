@@ -11,6 +11,7 @@ not reachable).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from agent.netns import NetnsSwitcher, open_netns
 from tests.kubeapi.server import KubeApiServer
 from tests.lab.conftest import agent_pod, connect, counters, unique_name, wait_for
 from tests.lab.kube_mirror import KubeMirror
+from tests.lab.test_observe import fetch
 
 REDIRECTION = "ambient.istio.io/redirection"
 
@@ -136,6 +138,11 @@ def test_agents_follow_the_api_and_mark_the_pods_they_capture(cluster, echo):
     # The agents list and then watch; nothing is polled.
     assert api.requests_matching("/api/v1/pods", watch=True)
     assert mirror.errors == []
+    # /config_dump names the source and its per-kind sync state.
+    dump = json.loads(fetch(lab, "node1", "http://127.0.0.1:15000/config_dump")[1])
+    src = dump["state_source"]
+    assert src["url"].startswith("kube:") and src["synced"] is True
+    assert src["sync"]["synced"] is True
 
 
 def test_namespace_label_in_the_api_enrols_a_running_pod_then_releases_it(cluster, echo):
