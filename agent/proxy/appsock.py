@@ -100,6 +100,7 @@ class AppSocket:
         """Take over a connected socket (closed with a reset if that fails)."""
         loop = asyncio.get_running_loop()
         try:
+            set_nodelay(sock)
             transport, proto = await loop.connect_accepted_socket(_AppProtocol, sock=sock)
         except BaseException:
             _abort_socket(sock)
@@ -160,6 +161,24 @@ class AppSocket:
             except OSError:
                 pass
         self.transport.abort()
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Turn Nagle off on a TCP socket that carries proxied data.
+
+    asyncio only does this itself for sockets whose ``proto`` is
+    IPPROTO_TCP; ``socket.socket(AF_INET, SOCK_STREAM)`` and the sockets
+    accepted from it have proto 0, so without this every agent socket kept
+    Nagle on. A small write then waits for the ACK of the previous one,
+    which the receiver delays until it sends something itself: at a fixed
+    request rate a reply waited for the client's *next* request (the
+    benchmark measured ~4 ms at 1000 req/s over 4 connections).
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
 
 def _abort_socket(sock: socket.socket) -> None:

@@ -29,6 +29,7 @@ from agent.capture.datapath import AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUN
 from agent.capture.inpod import PodListeners
 from agent.netns import NetnsSwitcher
 from agent.proxy import hbone
+from agent.proxy.appsock import set_nodelay
 from agent.proxy.copy import ByteCounter, abort, splice
 from agent.proxy.counters import ConnectionLog, ConnectionRecord, DirectionCounters, PodCounters
 from agent.proxy.h2conn import H2Connection, H2Stream
@@ -400,6 +401,7 @@ class PodProxy:
             return check_client_identity(transport.get_extra_info("ssl_object"), trust_domain)
 
         name = f"pod {self.pod} hbone from {peer[0]}:{peer[1]}"
+        set_nodelay(conn)        # asyncio leaves Nagle on for proto-0 sockets (appsock.set_nodelay)
         try:
             _transport, proto = await loop.connect_accepted_socket(
                 lambda: H2Connection(client_side=False, on_request=self._hbone_stream_for(peer), name=name,

@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 
 import h2.errors
 
-from agent.proxy.appsock import AppSocket
+from agent.proxy.appsock import AppSocket, set_nodelay
 from agent.proxy.copy import ByteCounter, abort
 from agent.proxy.h2conn import H2Connection, H2Stream, StreamReset
 from agent.proxy.tls import PeerIdentityError, check_server_identity
@@ -158,6 +158,7 @@ class HbonePool:
     async def _dial(self, key: PoolKey, ctx: ssl.SSLContext, dial: Dialer) -> H2Connection:
         loop = asyncio.get_running_loop()
         sock = await dial(key.address)
+        set_nodelay(sock)        # asyncio leaves Nagle on for proto-0 sockets (appsock.set_nodelay)
         name = f"hbone {key.source_identity} -> {key.destination_identity} at {key.address[0]}:{key.address[1]}"
         try:
             # server_hostname="": no SNI (ztunnel sends none) and no hostname
