@@ -158,7 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--duration", type=float, default=0.0)
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite results.md from results.json and notes.md in --out-dir, run nothing")
     args = ap.parse_args(argv)
+    if args.render_only:
+        out_dir = Path(args.out_dir)
+        results = json.loads((out_dir / "results.json").read_text())
+        if (out_dir / "notes.md").exists():
+            results["closing_note"] = (out_dir / "notes.md").read_text().strip()
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (out_dir / "results.md").write_text(report.markdown(results) + "\n")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = Config.for_mode(args.short)
     if args.repeats:
