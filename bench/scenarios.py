@@ -39,7 +39,7 @@ class Config:
     @classmethod
     def for_mode(cls, short: bool) -> "Config":
         if short:
-            return cls(short=True, repeats=2, duration=1.0, warmup=0.2, idle_conns=64,
+            return cls(short=True, repeats=2, duration=0.8, warmup=0.15, idle_conns=64,
                        cni_sequential=3, cni_batch=10, scale_pods=(1, 10), scale_conns=(1, 64))
         return cls(short=False, repeats=3, duration=4.0, warmup=0.5)
 
