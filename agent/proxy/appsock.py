@@ -103,7 +103,7 @@ class AppSocket:
             set_nodelay(sock)
             transport, proto = await loop.connect_accepted_socket(_AppProtocol, sock=sock)
         except BaseException:
-            _abort_socket(sock)
+            abort(sock)
             raise
         return cls(transport, proto)
 
@@ -181,7 +181,8 @@ def set_nodelay(sock: socket.socket) -> None:
             pass
 
 
-def _abort_socket(sock: socket.socket) -> None:
+def abort(sock: socket.socket) -> None:
+    """Close with a TCP reset instead of a FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from dataclasses import dataclass
 
-from agent.proxy.appsock import AppSocket
+from agent.proxy.appsock import AppSocket, abort  # noqa: F401  (abort is part of this module's API)
 
 
 
@@ -26,15 +25,6 @@ class ByteCounter:
     """
     sent: int = 0
     received: int = 0
-
-
-def abort(sock: socket.socket) -> None:
-    """Close with a TCP reset instead of a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
 
 
 class _Reset(Exception):
