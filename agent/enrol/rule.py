@@ -2,7 +2,8 @@
 
 Pure and stdlib-only: the CNI plugin imports it on every pod sandbox
 operation, so it must stay cheap to import (no third-party modules, no
-``typing``; ``dataclasses`` is the one indulgence, for the value type).
+``typing``, no ``dataclasses``: it imports ``inspect``, which cost the
+plugin 10-17 ms of its ~60 ms start, measured with the bundled plugin).
 
 The rule, as Istio's CNI agent applies it:
 
@@ -24,8 +25,6 @@ labelled" (nobody asked for it), a labelled one is "hostNetwork pod".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 MODE_AMBIENT = "ambient"
 MODE_NONE = "none"
@@ -37,10 +36,30 @@ _AMBIENT = f"{DATAPLANE_MODE_LABEL}={MODE_AMBIENT}"
 _NONE = f"{DATAPLANE_MODE_LABEL}={MODE_NONE}"
 
 
-@dataclass(frozen=True)
 class EnrolmentDecision:
+    """The rule's answer: a small immutable value (what a frozen dataclass would be)."""
+
+    __slots__ = ("enrolled", "reason")
     enrolled: bool
     reason: str       # short and human-readable: it ends up in logs and `status`
+
+    def __init__(self, enrolled: bool, reason: str) -> None:
+        object.__setattr__(self, "enrolled", enrolled)
+        object.__setattr__(self, "reason", reason)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"EnrolmentDecision is immutable (tried to set {name})")
+
+    def __eq__(self, other):
+        if not isinstance(other, EnrolmentDecision):
+            return NotImplemented
+        return (self.enrolled, self.reason) == (other.enrolled, other.reason)
+
+    def __hash__(self) -> int:
+        return hash((self.enrolled, self.reason))
+
+    def __repr__(self) -> str:
+        return f"EnrolmentDecision(enrolled={self.enrolled!r}, reason={self.reason!r})"
 
 
 def _mapping(obj, *path: str) -> dict:
