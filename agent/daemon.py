@@ -242,7 +242,9 @@ class NodeAgent:
                 self.identities.forget(pod.identity)
         rec.enrolled = False
 
-    def _reconcile(self) -> None:
+    def _reconcile(self) -> dict[str, str]:
+        """Apply the rule to the pods we have records of; returns the captures that failed."""
+        failed = {}
         for change in plan(list(self.known.values()), self.state, self.config.excluded_namespaces):
             rec = change.record
             rec.reason = change.reason
@@ -252,10 +254,12 @@ class NodeAgent:
                     log.info("pod %s: captured (%s)", rec.key, change.reason)
                 except OSError as exc:
                     log.error("pod %s: capture failed: %s", rec.key, exc)
+                    failed[rec.key] = f"capture failed: {exc}"
             else:
                 self._release(rec)
                 self.records.save(rec)
                 log.info("pod %s: released (%s)", rec.key, change.reason)
+        return failed
 
     # -- live enrolment: the node reconciler ---------------------------------
 
@@ -284,31 +288,33 @@ class NodeAgent:
         if not self._synced:
             return       # an empty cluster would read as "nothing to capture"
         loop = asyncio.get_running_loop()
+        # What cannot be fixed is collected afresh on every run, so a pod
+        # stays reported exactly as long as its problem lasts.
+        problems: dict[str, str] = {}
         self._drop_vanished()
-        self._reconcile()
-        self._verify_capture()
+        problems.update(self._reconcile())
+        problems.update(self._verify_capture())
         missing = unrecorded(self.state, self.config.node, self.known, self.config.excluded_namespaces)
-        resolved = {key for key in self.unresolved if key not in {u.key for u in missing}}
-        for key in resolved:
-            self.unresolved.pop(key, None)
         if missing:
             views = await loop.run_in_executor(None, discover.scan, self.switcher,
                                                self.config.host_proc, self.config.netns_dirs)
             for pod in missing:
-                self._adopt_running(pod, discover.match(views, pod.ips))
+                problem = self._adopt_running(pod, discover.match(views, pod.ips))
+                if problem:
+                    problems[pod.key] = problem
+        for key, problem in problems.items():
+            if self.unresolved.get(key) != problem:
+                log.error("pod %s must be in the mesh but is not captured: %s", key, problem)
+        self.unresolved = problems
         await self._sync_annotations()
 
-    def _adopt_running(self, pod: Unrecorded, found) -> None:
-        """Capture a running pod found by its IP, or report why it cannot be."""
+    def _adopt_running(self, pod: Unrecorded, found) -> str | None:
+        """Capture a running pod found by its IP; the problem if it cannot be."""
         if not isinstance(found, discover.PodNetns):
-            problem = (found or f"no network namespace on this node holds {', '.join(pod.ips)}")
-            if self.unresolved.get(pod.key) != problem:
-                log.error("pod %s must be in the mesh but is not captured: %s", pod.key, problem)
-            self.unresolved[pod.key] = problem
-            return
+            return found or f"no network namespace on this node holds {', '.join(pod.ips)}"
         old = self.known.get(pod.key)
         if old is not None and old.uid == pod.uid:
-            return                   # CNI ADD came while we were scanning
+            return None              # CNI ADD came while we were scanning
         if old is not None:          # an older pod of the same name
             self._release(old)
             self.records.remove(old)
@@ -319,12 +325,10 @@ class NodeAgent:
         try:
             self._capture(rec)
         except OSError as exc:
-            self.unresolved[pod.key] = f"capture failed: {exc}"
-            log.error("pod %s: capture of running pod failed: %s", pod.key, exc)
-            self.records.save(rec)
-            return
-        self.unresolved.pop(pod.key, None)
+            self.records.save(rec)   # known now: the next run's _reconcile retries it
+            return f"capture of the running pod failed: {exc}"
         log.info("pod %s: running pod captured (%s; network namespace %s)", pod.key, pod.reason, found.path)
+        return None
 
     def _drop_vanished(self) -> None:
         """Forget pods whose network namespace is gone (DEL missed while we were away)."""
@@ -335,8 +339,12 @@ class NodeAgent:
                 del self.known[key]
                 log.info("pod %s: network namespace %s is gone; forgotten", key, rec.netns)
 
-    def _verify_capture(self) -> None:
-        """Captured pods' BPF state must be whole; what is missing is put back."""
+    def _verify_capture(self) -> dict[str, str]:
+        """Captured pods' BPF state must be whole; what is missing is put back.
+
+        Returns the pods whose state could not be restored.
+        """
+        failed = {}
         for key, pod in self.captured.items():
             rec = self.known.get(key)
             if rec is None:
@@ -348,8 +356,8 @@ class NodeAgent:
             try:
                 self.inpod.enable(pod.listeners, rec.ips, rec.gateways)
             except OSError as exc:
-                self.unresolved[key] = f"capture damaged and could not be restored: {exc}"
-                log.error("pod %s: could not restore capture: %s", key, exc)
+                failed[key] = f"capture damaged and could not be restored: {exc}"
+        return failed
 
     async def _sync_annotations(self) -> None:
         """Mark captured pods ``ambient.istio.io/redirection: enabled``, unmark the rest.

@@ -152,3 +152,34 @@ def _cookie(lab, pod: str) -> int:
         if f"{data['namespace']}/{data['name']}" == pod:
             return int(data["netns_cookie"])
     raise AssertionError(f"no record for {pod}")
+
+
+def test_a_pod_that_cannot_be_found_is_reported_until_it_can(lab, echo):
+    """Never a silent bypass: a meshed pod whose namespace cannot be found is
+    listed by `status` (and counted in ambient_agent_pods_not_captured)."""
+    from pyroute2 import IPRoute
+
+    ip = lab.pod_ip("mesh/client")
+    name = os.path.basename(lab.pod_netns("mesh/client"))
+    lab.stop_agent("node1")
+    shutil.rmtree(lab.node_dir("node1") / "pods")
+    with IPRoute(netns=name) as ipr:
+        (addr,) = [a for a in ipr.get_addr(family=2) if a.get_attr("IFA_ADDRESS") == ip]
+        index, prefixlen = addr["index"], addr["prefixlen"]
+        (default,) = ipr.get_default_routes(family=2)
+        gateway = default.get_attr("RTA_GATEWAY")
+        ipr.addr("del", index=index, address=ip, prefixlen=prefixlen)
+    try:
+        lab.start_agent("node1")
+        status = wait_for(lambda: (lambda s: s if s["not_captured"] else None)(
+            lab.agent_request("node1", {"op": "status"})), what="mesh/client reported")
+        assert status["not_captured"] == [
+            {"pod": "mesh/client", "problem": f"no network namespace on this node holds {ip}"}]
+    finally:
+        with IPRoute(netns=name) as ipr:
+            ipr.addr("add", index=index, address=ip, prefixlen=prefixlen)
+            ipr.route("replace", dst="default", gateway=gateway, oif=index)
+    wait_for(lambda: _known(lab, "node1", "mesh/client") and agent_pod(lab, "node1", "mesh/client")["enrolled"],
+             what="mesh/client captured once its address is back")
+    assert lab.agent_request("node1", {"op": "status"})["not_captured"] == []
+    _meshed_connection(lab, "mesh/client", echo)
