@@ -29,7 +29,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any, Callable
 from agent.identity.authn import (AuthConfigError, AuthenticationError, AuthenticationUnavailable,
                                   Caller, ServiceAccount)
 from agent.identity.spiffe import IdentityError
+from agent.kubeclient import KubeConfigError, load_configuration
 
 log = logging.getLogger(__name__)
 
@@ -193,30 +193,14 @@ class ReviewCache:
 
 def api_client(kubeconfig: str | None = None):
     """An ApiClient from ``kubeconfig``; without one, like the kube state source
-    (agent/state/kube.py): in-cluster configuration when running in a pod, else
+    (``agent.kubeclient``): in-cluster configuration when running in a pod, else
     ``$KUBECONFIG`` or ``~/.kube/config``."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    configuration = client.Configuration()
-    where = f"kubeconfig {kubeconfig}"
     try:
-        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            where = "in-cluster configuration"
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-            path = path.split(os.pathsep)[0]
-            where = f"kubeconfig {path}"
-            if not os.path.exists(path):
-                raise AuthConfigError(f"cannot review tokens: {where} does not exist (and not running "
-                                      f"in a pod; pass --kubeconfig PATH)")
-            config.load_kube_config(config_file=path, client_configuration=configuration,
-                                    persist_config=False)
-    except AuthConfigError:
-        raise
-    except Exception as exc:    # ConfigException, YAML errors, missing files or keys
-        raise AuthConfigError(f"cannot review tokens: cannot load the {where}: "
-                              f"{' '.join(str(exc).split())}") from None
+        configuration, _ = load_configuration(kubeconfig, hint="; pass --kubeconfig PATH")
+    except KubeConfigError as exc:
+        raise AuthConfigError(f"cannot review tokens: {exc}") from None
     return client.ApiClient(configuration)
 
 

@@ -62,13 +62,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from agent.kubeclient import KubeConfigError, load_configuration
 from agent.state.model import ClusterState, StateError
 
 log = logging.getLogger(__name__)
@@ -701,35 +701,16 @@ def _close_response(resp) -> None:
 
 
 def _api_client(kubeconfig: str | None, in_cluster: bool | None):
-    """An ApiClient and a description, from a kubeconfig path, in-cluster, or the defaults.
-
-    ``kubeconfig`` None: in-cluster config when running in a pod (or when
-    ``in_cluster`` is True), else ``$KUBECONFIG`` or ``~/.kube/config``.
-    """
+    """An ApiClient and a description, from a kubeconfig path, in-cluster, or the defaults
+    (``agent.kubeclient``)."""
     try:
-        from kubernetes import client, config
+        from kubernetes import client
     except ImportError as exc:
         raise StateError(f"the kube state source needs the kubernetes client ({exc})") from None
-    cfg = client.Configuration()
     try:
-        if kubeconfig is None and (in_cluster or (in_cluster is None and
-                                                 os.environ.get("KUBERNETES_SERVICE_HOST"))):
-            config.load_incluster_config(client_configuration=cfg)
-            where = "in-cluster"
-        else:
-            path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-            path = path.split(os.pathsep)[0]
-            if not os.path.exists(path):
-                raise StateError(f"kube state source: kubeconfig {path} does not exist (and not "
-                                 "running in a cluster)")
-            config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
-            where = path
-    except StateError:
-        raise
-    except Exception as exc:
-        raise StateError(f"kube state source: cannot load the client configuration: "
-                         f"{' '.join(str(exc).split())}") from None
-    # One connection per watched kind plus writes; retries are ours (backoff).
+        cfg, where = load_configuration(kubeconfig, in_cluster=in_cluster)
+    except KubeConfigError as exc:
+        raise StateError(f"kube state source: {exc}") from None
     cfg.connection_pool_maxsize = len(KNOWN_KINDS) + 4
     cfg.retries = False
     return client.ApiClient(cfg), f"{cfg.host} ({where})"
