@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.enrol.records import PodRecord
-from agent.enrol.rule import DEFAULT_EXCLUDED, EnrolmentDecision, decide
+from agent.enrol.rule import DEFAULT_EXCLUDED, EnrolmentDecision, decide, pod_namespace
+from agent.state.model import pod_ips
 
 
 @dataclass(frozen=True)
@@ -57,19 +58,6 @@ REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 REDIRECTION_ENABLED = "enabled"
 
 
-def _pod_key(pod: dict) -> str:
-    meta = pod.get("metadata") or {}
-    return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
-
-
-def _pod_ips(pod: dict) -> list[str]:
-    status = pod.get("status") if isinstance(pod.get("status"), dict) else {}
-    ips = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, dict) and p.get("ip")]
-    if not ips and status.get("podIP"):
-        ips = [status["podIP"]]
-    return [ip for ip in ips if isinstance(ip, str)]
-
-
 @dataclass(frozen=True)
 class Unrecorded:
     """A pod of this node that must be captured but that CNI never told us about."""
@@ -94,9 +82,9 @@ def unrecorded(state, node: str, records: dict[str, PodRecord],
     """
     found = []
     for pod in state.pods_on_node(node):
-        ns, name = _pod_key(pod).split("/", 1)
+        ns, name = pod_namespace(pod), (pod.get("metadata") or {}).get("name")
         uid = str((pod.get("metadata") or {}).get("uid") or "")
-        ips = _pod_ips(pod)
+        ips = pod_ips(pod)
         if not ips or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             continue
         rec = records.get(f"{ns}/{name}")
@@ -115,8 +103,8 @@ def annotation_changes(state, node: str, captured: set[str]) -> list[tuple[str, 
     """
     changes = []
     for pod in state.pods_on_node(node):
-        key = _pod_key(pod)
-        ns, name = key.split("/", 1)
+        ns, name = pod_namespace(pod), (pod.get("metadata") or {}).get("name")
+        key = f"{ns}/{name}"
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
         current = annotations.get(REDIRECTION_ANNOTATION) if isinstance(annotations, dict) else None
         if key in captured and current != REDIRECTION_ENABLED:
