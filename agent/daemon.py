@@ -272,13 +272,15 @@ class NodeAgent:
         pods that left, and the redirection annotation on each.
         """
         while not self._stopping.is_set():
+            # Cleared before the run, so a state change that lands while the
+            # run awaits (scan, annotation patches) starts the next run at once.
+            self._wake.clear()
             try:
                 await self.reconcile_node()
             except asyncio.CancelledError:
                 raise
             except Exception:      # a bug here must not stop the agent or later checks
                 log.exception("node reconcile failed")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.reconcile_seconds)
             except asyncio.TimeoutError:
@@ -385,8 +387,7 @@ class NodeAgent:
         self.state = state
         self._synced = True
         self.metrics.agent.state_synced(True)
-        self._reconcile()
-        self._wake.set()
+        self._wake.set()          # the node reconciler applies the rule to the new state
         # New connections see the new policy at once (the hook reads the
         # current set); open ones it now denies are closed here.
         for pod in self.captured.values():
