@@ -20,7 +20,6 @@ fsync, rename, fsync of the directory.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -28,8 +27,8 @@ import os
 import shutil
 import signal
 import threading
-import time
 
+from agent.fileio import atomic_write, fsync_dir
 from cni import install
 
 log = logging.getLogger("ambient-agent.install-cni")
@@ -43,42 +42,7 @@ class InstallError(Exception):
     """Something install-cni cannot do; the message says what and where."""
 
 
-# -- atomic files ------------------------------------------------------------------------
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        _write_all(fd, data)
-        os.fchmod(fd, mode)           # umask must not narrow it
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    _fsync_dir(directory or ".")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
+# -- files ----------------------------------------------------------------------------------
 
 def _unlink(path: str) -> bool:
     try:
@@ -180,7 +144,7 @@ class PluginFiles:
             os.replace(tmp, self.target)
             changed = True
         if changed:
-            _fsync_dir(self.bin_dir)
+            fsync_dir(self.bin_dir)
             self._remove_bundles(keep=self.bundle_name)
         return changed
 
@@ -204,7 +168,7 @@ def _fsync_tree(top: str) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
 # -- the plugin's kubeconfig ----------------------------------------------------------------------
@@ -275,7 +239,7 @@ class ConfDir:
         if plan.records == []:
             _unlink(self.record_path)
         if plan.removes or plan.records == []:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         return True
 
 

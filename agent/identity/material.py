@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from agent.fileio import atomic_write
 from agent.identity import pki
 
 log = logging.getLogger(__name__)
@@ -182,31 +183,14 @@ class DirectorySigningSource:
         # The key goes first and the root last: a crash in between leaves a
         # directory that load() refuses (partial), never one with a root but
         # no key for it.
-        _write_file(os.path.join(self.path, CA_KEY), pki.private_key_pem(key), 0o600)
-        _write_file(os.path.join(self.path, CA_CERT), cert_pem, 0o644)
-        _write_file(os.path.join(self.path, CERT_CHAIN), cert_pem, 0o644)
-        _write_file(os.path.join(self.path, ROOT_CERT), cert_pem, 0o644)
+        atomic_write(os.path.join(self.path, CA_KEY), pki.private_key_pem(key), 0o600)
+        atomic_write(os.path.join(self.path, CA_CERT), cert_pem, 0o644)
+        atomic_write(os.path.join(self.path, CERT_CHAIN), cert_pem, 0o644)
+        atomic_write(os.path.join(self.path, ROOT_CERT), cert_pem, 0o644)
         log.info("created a self-signed root CA in %s (%s, valid until %s)", self.path,
                  cert.subject.rfc4514_string(), cert.not_valid_after_utc.isoformat())
 
 
-def _write_file(path: str, data: bytes, mode: int) -> None:
-    """Atomically (temp file + rename), created with ``mode`` so a key is never readable by others."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fd, mode)     # O_CREAT's mode is filtered by the umask
-        fh.write(data)
-        fh.flush()
-        os.fsync(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_public_file(path: str, data: bytes) -> None:
     """Atomically write a public file (e.g. the root bundle for node agents)."""
-    _write_file(path, data, 0o644)
+    atomic_write(path, data, 0o644)
