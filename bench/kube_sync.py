@@ -82,7 +82,7 @@ def realistic_pod(i: int, namespace: str, node: str) -> dict:
                  "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
                  "fieldsV1": {"f:metadata": {"f:labels": {f"f:{k}": {} for k in
                                                           ("app", "pod-template-hash", "version")}},
-                              "f:spec": {f"f:containers": {f'k:{{"name":"{app}"}}': {
+                              "f:spec": {"f:containers": {f'k:{{"name":"{app}"}}': {
                                   f"f:{k}": {} for k in container}}}}},
                 {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "subresource": "status",
                  "time": "2026-01-01T00:00:05Z", "fieldsType": "FieldsV1",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -219,7 +217,6 @@ def new_connections(bl: BenchLab, cfg: Config) -> dict:
 
     runs = alternate({"baseline": lambda: run("baseline"), "mesh": lambda: run("mesh"),
                       "mesh-no-pool": lambda: run("mesh", pooled=False)}, cfg.repeats)
-    vs = ("mesh", "mesh-no-pool", "baseline")
     rows = [row("new connections (connect, 1 KB exchange, close)", "conn/s", pick(runs, "rate"),
                 ratios=[("mesh", "baseline"), ("mesh-no-pool", "baseline"), ("mesh", "mesh-no-pool")])]
     for p in ("p50", "p99"):

@@ -12,14 +12,14 @@ import asyncio
 import logging
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import h2.errors
 
 from agent.proxy.appsock import AppSocket, set_nodelay
-from agent.proxy.copy import ByteCounter, abort
-from agent.proxy.h2conn import H2Connection, H2Stream, StreamReset
+from agent.proxy.copy import ByteCounter
+from agent.proxy.h2conn import H2Connection, H2Stream
 from agent.proxy.tls import PeerIdentityError, check_server_identity
 
 log = logging.getLogger(__name__)
