@@ -181,9 +181,10 @@ class AgentMeter:
 class BenchLab:
     """The lab the scenarios share."""
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, agent_args: list[str] | None = None) -> None:
         self.lab = TimedLab(name or ("b" + secrets.token_hex(3)), pod_timeout=30.0,
-                            agent_command=[sys.executable, "-m", "bench.agent_shim"])
+                            agent_command=[sys.executable, "-m", "bench.agent_shim"],
+                            agent_args=agent_args or ())
         self.procs: list[subprocess.Popen] = []
         self.iptables_rules: list[tuple[str, list[str]]] = []
 

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--duration", type=float, default=0.0)
+    ap.add_argument("--agent-arg", action="append", dest="agent_args", default=[],
+                    help="extra argument for both node agents (repeatable), e.g. --agent-arg=--event-loop=asyncio")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite results.md from results.json and notes.md in --out-dir, run nothing")
     args = ap.parse_args(argv)
@@ -192,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
 
-    bl = BenchLab()
+    bl = BenchLab(agent_args=args.agent_args)
     results: dict = {"mode": "short" if cfg.short else "full", "scenarios": {}}
     results["meta"] = machine_meta(cfg, bl.name)
+    results["meta"]["agent_args"] = " ".join(args.agent_args) or "(none)"
     failed = []
     started = time.monotonic()
     try:

@@ -1,56 +1,128 @@
-"""A plain TCP socket as an asyncio transport with a read/write/half-close API.
+"""Bytes moved from callback to callback: the data path's two ends and the pipe between them.
 
-Why not ``loop.sock_recv_into``/``loop.sock_sendall``: each of those waits
-registers the socket with epoll and removes it again (two ``epoll_ctl``
-calls and a future per read), and each connection kept a 256 KiB receive
-buffer for its whole life, idle or not. The benchmark's profile of the
-agent at max request rate showed that churn among the top costs
-(bench/results.md), and 1000 idle meshed connections cost about half a
-gigabyte of buffers.
+A proxied connection has two ends: an application-side TCP socket
+(``TcpEnd``) and either another TCP socket (plaintext: ``copy.splice``) or
+an HBONE stream (``h2conn.H2Stream``, ``tunnel.bridge``). Each end
+implements the same small interface, ``End``:
 
-Here the socket stays registered with epoll for its lifetime (an asyncio
-transport), data arrives through ``BufferedProtocol`` into one scratch
-buffer shared by every connection of the event loop, and is copied out at
-once (``buffer_updated`` runs synchronously after the ``recv_into``, before
-any other connection can use the scratch buffer). An idle connection holds
-no receive buffer. Reading pauses while more than ``HIGH_WATER`` bytes are
-queued and unread, so memory per connection stays bounded.
+* ``send(data)`` / ``send_eof()`` / ``send_reset()``: what the other end
+  received is delivered here, in the event loop callback that received it;
+* ``pause_reading(reason)`` / ``resume_reading(reason)``: backpressure from
+  the other end (its socket buffer is full, its HTTP/2 window is closed).
 
-TCP semantics as ``copy.py`` needs them: EOF is reported as ``b""`` and the
-transport stays open for our own sending side (half-close); a reset from
-the peer raises ``ConnectionResetError`` on the next read or write;
-``abort`` closes with SO_LINGER 0 so the peer sees a reset.
+No coroutine runs per chunk: an application socket's ``buffer_updated``
+hands its bytes straight to the other end's ``send``, which writes them to
+its transport (or into h2) at once. Coroutines are only used to set a
+connection up and to wait for its end (``Pipe.done``). Why: the earlier
+design woke a coroutine through an ``asyncio.Event`` for every chunk on
+every hop, and those wake-ups were among the top costs of the agent's
+profile at max request rate (bench/notes.md).
+
+Memory per connection stays bounded: a ``TcpEnd`` reads into one scratch
+buffer shared by the event loop and copies out only what it passes on;
+when the receiving end cannot take more (asyncio's ``pause_writing``, a
+closed HTTP/2 window) the sending end stops reading
+(``transport.pause_reading``), so at most one read (256 KiB) plus the
+transport's high-water mark is queued per direction.
+
+TCP semantics kept: a FIN becomes a half-close on the other end, a reset
+(or a connection lost with an error) becomes a reset on the other end.
+Application sockets carry ``SO_LINGER 0`` from the moment they are wrapped,
+so if the agent dies the kernel resets them instead of sending a FIN that
+an application could take for a complete stream (issue 11, item 4); an
+orderly close turns lingering back to normal just before the socket is
+closed, so the FIN and any queued bytes still go out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import socket
 import struct
+from typing import Protocol
 
 SCRATCH_SIZE = 256 * 1024
-HIGH_WATER = 1024 * 1024      # unread bytes queued before reading pauses
-LOW_WATER = 256 * 1024
 
 # One per process: the agent runs one event loop, and the scratch buffer is
 # only used between a recv_into and the copy that immediately follows it.
 _scratch = bytearray(SCRATCH_SIZE)
 _scratch_view = memoryview(_scratch)
 
+LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
-class _AppProtocol(asyncio.BufferedProtocol):
-    def __init__(self) -> None:
+
+class End(Protocol):
+    """One side of a proxied connection, as the other side sees it."""
+
+    def send(self, data: bytes) -> None: ...
+    def send_eof(self) -> None: ...
+    def send_reset(self) -> None: ...
+    def pause_reading(self, reason: str) -> None: ...
+    def resume_reading(self, reason: str) -> None: ...
+
+
+class Pipe:
+    """Two ends of one proxied connection: byte counts and how it ended.
+
+    ``done`` resolves with ``"closed"`` when both ends finished in order
+    (each direction saw its FIN / END_STREAM and was flushed) or with
+    ``"reset"`` as soon as either end was reset.
+    """
+
+    __slots__ = ("done", "counter", "totals", "reset", "_open")
+
+    def __init__(self, counter, totals=None) -> None:
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.counter = counter
+        self.totals = totals
+        self.reset = False
+        self._open = 2
+
+    def count(self, attr: str, n: int) -> None:
+        setattr(self.counter, attr, getattr(self.counter, attr) + n)
+        if self.totals is not None:
+            setattr(self.totals, attr, getattr(self.totals, attr) + n)
+
+    def finished(self, reset: bool) -> None:
+        """One end is done (both its directions, or reset)."""
+        if reset:
+            self.reset = True
+        self._open -= 1
+        if not self.done.done() and (self.reset or self._open <= 0):
+            self.done.set_result("reset" if self.reset else "closed")
+
+
+class TcpEnd(asyncio.BufferedProtocol):
+    """An application-side (or upstream) TCP socket as one end of a pipe.
+
+    ``attr`` names the counter the bytes read from this socket advance
+    (``"sent"`` for the pod's application, ``"received"`` for its peer).
+    """
+
+    def __init__(self, pipe: Pipe, attr: str) -> None:
+        self.pipe = pipe
+        self.attr = attr
+        self.peer: End | None = None
         self.transport: asyncio.Transport | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._queued = 0
-        self._paused = False
-        self._eof = False
-        self._lost = False
-        self._error: BaseException | None = None
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self.read_eof = False        # the socket's peer sent FIN
+        self.wrote_eof = False       # we sent FIN (half-close)
+        self.finished = False
+        self._resetting = False
+        self._pausers: set[str] = set()
+        self._early: list[bytes] | None = []   # read before the other end was attached
+
+    def attach(self, peer: End) -> None:
+        """Connect the other end; what arrived before is handed over now."""
+        self.peer = peer
+        early, self._early = self._early, None
+        for data in early or ():
+            peer.send(data)
+        if self.read_eof:
+            peer.send_eof()
+        if self.finished and self.pipe.reset:
+            peer.send_reset()
+        self.resume_reading("unattached")
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -61,106 +133,114 @@ class _AppProtocol(asyncio.BufferedProtocol):
         return _scratch_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._chunks.append(bytes(_scratch_view[:nbytes]))
-        self._queued += nbytes
-        if self._queued >= HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-        self._readable.set()
+        data = bytes(_scratch_view[:nbytes])
+        self.pipe.count(self.attr, nbytes)
+        if self.peer is None:
+            self._early.append(data)
+            self.pause_reading("unattached")
+            return
+        self.peer.send(data)
 
     def eof_received(self) -> bool:
-        self._eof = True
-        self._readable.set()
+        self.read_eof = True
+        if self.peer is not None:
+            self.peer.send_eof()
+        self._maybe_close()
         return True            # keep the transport: our sending side may still be open
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        if exc is not None and self._error is None:
-            self._error = exc
-        self._eof = True
-        self._readable.set()
-        self._writable.set()
+        orderly = exc is None and not self._resetting and self.read_eof and self.wrote_eof
+        if orderly:
+            # The last moment before asyncio closes the socket: a normal
+            # close from here on, so the FIN is not turned into a reset.
+            _set_linger(self.transport, _LINGER_OFF)
+        if self.finished:
+            return
+        self.finished = True
+        if not orderly and self.peer is not None:
+            self.peer.send_reset()
+        self.pipe.finished(reset=not orderly)
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        if self.peer is not None:
+            self.peer.pause_reading("tcp-full")
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        if self.peer is not None:
+            self.peer.resume_reading("tcp-full")
 
+    # -- End: what the other side delivers ---------------------------------
 
-class AppSocket:
-    """Read, write, half-close and abort one connected TCP socket."""
+    def send(self, data: bytes) -> None:
+        if not self.finished and not self.transport.is_closing():
+            self.transport.write(data)
 
-    def __init__(self, transport: asyncio.Transport, proto: _AppProtocol) -> None:
-        self.transport = transport
-        self._p = proto
-
-    @classmethod
-    async def wrap(cls, sock: socket.socket) -> "AppSocket":
-        """Take over a connected socket (closed with a reset if that fails)."""
-        loop = asyncio.get_running_loop()
-        try:
-            set_nodelay(sock)
-            transport, proto = await loop.connect_accepted_socket(_AppProtocol, sock=sock)
-        except BaseException:
-            abort(sock)
-            raise
-        return cls(transport, proto)
-
-    def _raise_if_reset(self) -> None:
-        err = self._p._error
-        if err is not None:
-            if isinstance(err, (ConnectionResetError, BrokenPipeError)):
-                raise err
-            raise ConnectionResetError(str(err))
-
-    async def read(self) -> bytes:
-        """The next chunk; b"" once the peer has sent FIN; raises ConnectionResetError."""
-        p = self._p
-        while not p._chunks:
-            self._raise_if_reset()
-            if p._eof:
-                return b""
-            p._readable.clear()
-            await p._readable.wait()
-        data = p._chunks.popleft()
-        p._queued -= len(data)
-        if p._paused and p._queued <= LOW_WATER and not p._lost:
-            p._paused = False
-            self.transport.resume_reading()
-        return data
-
-    async def write(self, data: bytes | memoryview) -> None:
-        """Queue ``data`` and wait while the kernel's and asyncio's buffers are full."""
-        p = self._p
-        self._raise_if_reset()
-        if p._lost or self.transport.is_closing():
-            raise BrokenPipeError("connection closed")
-        self.transport.write(data)
-        if not p._writable.is_set():
-            await p._writable.wait()
-            self._raise_if_reset()
-
-    def write_eof(self) -> None:
-        """Half-close: FIN after whatever is still queued."""
-        if not self._p._lost and not self.transport.is_closing():
+    def send_eof(self) -> None:
+        if self.finished or self.wrote_eof:
+            return
+        self.wrote_eof = True
+        if not self.transport.is_closing():
             try:
                 self.transport.write_eof()
             except OSError:
                 pass
+        self._maybe_close()
 
-    def close(self) -> None:
-        self.transport.close()        # flushes what is queued, then closes
+    def send_reset(self) -> None:
+        if self.finished or self._resetting:
+            return
+        self._resetting = True
+        self.transport.abort()       # SO_LINGER 0 is set: the peer sees a reset
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._pausers and not self.finished:
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+        self._pausers.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._pausers:
+            return
+        self._pausers.discard(reason)
+        if not self._pausers and not self.finished and not self.read_eof:
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    # -- helpers -------------------------------------------------------------
+
+    def _maybe_close(self) -> None:
+        if self.read_eof and self.wrote_eof and not self.transport.is_closing():
+            self.transport.close()   # flushes what is queued, then connection_lost(None)
 
     def abort(self) -> None:
-        """Close with a TCP reset instead of a FIN."""
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        self.transport.abort()
+        """Cut this end and, through it, the other (cancellation, policy)."""
+        self.send_reset()
+
+
+async def wrap(sock: socket.socket, pipe: Pipe, attr: str) -> TcpEnd:
+    """Take over a connected socket as a ``TcpEnd`` (reset if that fails)."""
+    loop = asyncio.get_running_loop()
+    try:
+        set_nodelay(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        _transport, end = await loop.connect_accepted_socket(lambda: TcpEnd(pipe, attr), sock=sock)
+    except BaseException:
+        abort(sock)
+        raise
+    return end
+
+
+def _set_linger(transport, value: bytes) -> None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+        except OSError:
+            pass
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -184,7 +264,7 @@ def set_nodelay(sock: socket.socket) -> None:
 def abort(sock: socket.socket) -> None:
     """Close with a TCP reset instead of a FIN."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass
     sock.close()

@@ -1,9 +1,12 @@
-"""Bidirectional byte copy between two sockets with TCP semantics kept.
+"""Bidirectional byte copy between two TCP sockets with TCP semantics kept.
 
 * A FIN on one side becomes a shutdown(SHUT_WR) on the other (half-close),
   so request/response protocols that close their sending side still work.
 * A reset on one side becomes a reset on the other (SO_LINGER 0 + close).
 * Byte counters advance as data flows, not only when the connection ends.
+
+The bytes move from callback to callback (``appsock.TcpEnd``); the only
+coroutine is the one that waits for the connection's end.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import asyncio
 import socket
 from dataclasses import dataclass
 
-from agent.proxy.appsock import AppSocket, abort  # noqa: F401  (abort is part of this module's API)
-
+from agent.proxy.appsock import Pipe, abort, wrap  # noqa: F401  (abort is part of this module's API)
 
 
 @dataclass
@@ -27,74 +29,30 @@ class ByteCounter:
     received: int = 0
 
 
-class _Reset(Exception):
-    pass
-
-
-async def _pump(src: AppSocket, dst: AppSocket, counter: ByteCounter, attr: str, extra=None) -> None:
-    while True:
-        try:
-            data = await src.read()
-        except (ConnectionResetError, BrokenPipeError):
-            raise _Reset()
-        if not data:
-            dst.write_eof()
-            return
-        try:
-            await dst.write(data)
-        except (ConnectionResetError, BrokenPipeError):
-            raise _Reset()
-        n = len(data)
-        setattr(counter, attr, getattr(counter, attr) + n)
-        if extra is not None:
-            setattr(extra, attr, getattr(extra, attr) + n)
-
-
 async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
                  totals: ByteCounter | None = None) -> str:
     """Copy until both directions are done; returns how it ended ("closed" or "reset").
 
     ``app`` is the socket facing the pod's application, ``peer`` the other
     side; ``totals`` is an optional aggregate counter updated alongside.
-    Both sockets are closed on return. They are driven as asyncio
-    transports (``appsock.AppSocket``): no per-read epoll registration and
-    no receive buffer held by an idle connection.
+    Both sockets are closed on return (cancellation resets both).
     """
+    pipe = Pipe(counter, totals)
     try:
-        app_side = await AppSocket.wrap(app)
+        app_end = await wrap(app, pipe, "sent")
     except BaseException:
         abort(peer)
         raise
     try:
-        peer_side = await AppSocket.wrap(peer)
+        peer_end = await wrap(peer, pipe, "received")
     except BaseException:
-        app_side.abort()
+        app_end.abort()
         raise
-    up = asyncio.ensure_future(_pump(app_side, peer_side, counter, "sent", totals))
-    down = asyncio.ensure_future(_pump(peer_side, app_side, counter, "received", totals))
-    outcome = "closed"
+    app_end.attach(peer_end)
+    peer_end.attach(app_end)
     try:
-        pending = {up, down}
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is not None:
-                    outcome = "reset"
-                    for other in pending:
-                        other.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
-                    pending = set()
-                    break
+        return await asyncio.shield(pipe.done)
     except asyncio.CancelledError:
-        up.cancel()
-        down.cancel()
-        outcome = "reset"
+        app_end.abort()
+        peer_end.abort()
         raise
-    finally:
-        if outcome == "reset":
-            app_side.abort()
-            peer_side.abort()
-        else:
-            app_side.close()
-            peer_side.close()
-    return outcome

@@ -29,7 +29,7 @@ from agent.capture.datapath import AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUN
 from agent.capture.inpod import PodListeners
 from agent.netns import NetnsSwitcher
 from agent.proxy import hbone
-from agent.proxy.appsock import set_nodelay
+from agent.proxy.appsock import LINGER_RESET, set_nodelay
 from agent.proxy.copy import ByteCounter, abort, splice
 from agent.proxy.counters import ConnectionLog, ConnectionRecord, DirectionCounters, PodCounters
 from agent.proxy.h2conn import H2Connection, H2Stream
@@ -78,6 +78,27 @@ class DataPlane:
     connect_timeout: float = 5.0
     metrics: TcpMetrics | None = None              # Istio's istio_tcp_* series
     access: Callable[[object], None] | None = None  # access log sink, one line per connection
+    handshakes: "HandshakeLimits" = field(default_factory=lambda: HandshakeLimits())
+
+
+@dataclass
+class HandshakeLimits:
+    """What unauthenticated peers can make the agent hold on 15008 (issue 11, item 2).
+
+    A TLS server transport allocates its buffers (asyncio: 256 KiB each) the
+    moment it is created, before a byte arrives; a silent TCP connection
+    used to cost ~325 KB until the agent ran out of memory. Now an accepted
+    connection first waits, holding only its socket, until the peer sends
+    its ClientHello (at most ``first_byte_seconds``, at most ``waiting``
+    such connections per pod). Only then does TLS start, with at most
+    ``per_pod`` handshakes in flight per pod and ``per_node`` per node; a
+    connection over a limit is reset at once (the peer may retry).
+    """
+    first_byte_seconds: float = 5.0
+    waiting: int = 1024
+    per_pod: int = 64
+    per_node: int = 256
+    in_flight: int = 0        # node-wide handshakes now
 
 
 class PodProxy:
@@ -98,6 +119,8 @@ class PodProxy:
         self._tasks: set[asyncio.Task] = set()
         self._accepting: list[asyncio.Task] = []
         self._servers: set[H2Connection] = set()
+        self._hbone_waiting = 0        # accepted on 15008, no ClientHello yet
+        self._hbone_handshaking = 0
         # Open inbound connections and what they were authorised as, so that
         # a policy change can close those the new policy denies.
         self._authorised: dict[asyncio.Task, InboundRequest] = {}
@@ -142,6 +165,11 @@ class PodProxy:
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
+            if listener is not self.listeners.hbone:
+                # An application's connection: from accept on, a close by the
+                # kernel (the agent died) resets it instead of ending it with a
+                # FIN that the application could take for a complete stream.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             self._spawn(self._guard(handle, conn, peer))
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -207,13 +235,23 @@ class PodProxy:
 
     # -- helpers -----------------------------------------------------------
 
-    async def _connect_from_pod(self, dst: tuple[str, int]) -> socket.socket:
-        """A connection that starts inside the pod's namespace, exempt from capture."""
+    async def _dial_peer(self, dst: tuple[str, int]) -> socket.socket:
+        """An HBONE connection to a peer agent (closed normally: TLS and HTTP/2 end it)."""
+        return await self._connect_from_pod(dst, app=False)
+
+    async def _connect_from_pod(self, dst: tuple[str, int], app: bool = True) -> socket.socket:
+        """A connection that starts inside the pod's namespace, exempt from capture.
+
+        ``app``: it carries an application's bytes, so a crash of the agent
+        must reset it rather than end it (SO_LINGER 0 until an orderly close).
+        """
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
         sock = await loop.run_in_executor(None, self.switcher.socket, self.listeners.netns_fd, family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+            if app:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, dst), self.plane.connect_timeout)
         except BaseException:
@@ -300,7 +338,7 @@ class PodProxy:
             key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT))
             headers = hbone.connect_request_headers(target, source, self.workload)
             stream, response = await asyncio.wait_for(
-                self.plane.pool.stream(key, ctx, self._connect_from_pod, headers),
+                self.plane.pool.stream(key, ctx, self._dial_peer, headers),
                 self.plane.connect_timeout)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             counters.failed += 1
@@ -402,6 +440,16 @@ class PodProxy:
 
         name = f"pod {self.pod} hbone from {peer[0]}:{peer[1]}"
         set_nodelay(conn)        # asyncio leaves Nagle on for proto-0 sockets (appsock.set_nodelay)
+        refused = await self._admit_handshake(conn)
+        if refused:
+            self.counters.hbone.failed += 1
+            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
+                         f"refused: {refused}")
+            abort(conn)
+            return
+        limits = self.plane.handshakes
+        limits.in_flight += 1
+        self._hbone_handshaking += 1
         try:
             _transport, proto = await loop.connect_accepted_socket(
                 lambda: H2Connection(client_side=False, on_request=self._hbone_stream_for(peer), name=name,
@@ -412,14 +460,40 @@ class PodProxy:
             self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
                          f"refused: TLS handshake failed: {exc or 'timed out'}")
             return
+        finally:
+            limits.in_flight -= 1
+            self._hbone_handshaking -= 1
         if proto.closed:
             self.counters.hbone.failed += 1
             return
         self._servers.add(proto)
         try:
-            await proto.done
+            await proto.serve()
         finally:
             self._servers.discard(proto)
+
+    async def _admit_handshake(self, conn: socket.socket) -> str:
+        """Wait for the peer's first bytes, then take a handshake slot; "" or why not."""
+        limits = self.plane.handshakes
+        if self._hbone_waiting >= limits.waiting:
+            return f"{limits.waiting} connections of this pod already wait for a TLS ClientHello"
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        fd = conn.fileno()
+        self._hbone_waiting += 1
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(True))
+        try:
+            await asyncio.wait_for(readable, limits.first_byte_seconds)
+        except asyncio.TimeoutError:
+            return f"no TLS ClientHello within {limits.first_byte_seconds:g}s"
+        finally:
+            loop.remove_reader(fd)
+            self._hbone_waiting -= 1
+        if self._hbone_handshaking >= limits.per_pod:
+            return f"{limits.per_pod} TLS handshakes of this pod already in flight"
+        if limits.in_flight >= limits.per_node:
+            return f"{limits.per_node} TLS handshakes of this node already in flight"
+        return ""
 
     def _hbone_stream_for(self, peer):
         async def handle(stream: H2Stream) -> None:

@@ -28,8 +28,10 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from hyperframe.frame import GoAwayFrame
+import h2.stream
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
+from agent.proxy import limits
 from agent.proxy.hbone import CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,30 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 65535
 
 
-class _GracefulGoawayH2(h2.connection.H2Connection):
-    """h2's connection, except that a graceful GOAWAY (NO_ERROR) leaves open
-    streams working, as RFC 9113 6.8 says it should.
+def _retrieved(fut: asyncio.Future) -> None:
+    """A future nobody may await (a stream's response, a connection's
+    readiness): its exception is expected, not an error to report."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class _HboneH2(h2.connection.H2Connection):
+    """h2's connection with two changes, both for RFC 9113.
+
+    1. A graceful GOAWAY (NO_ERROR) leaves open streams working, as RFC 9113
+    6.8 says it should.
 
     Stock h2 treats any received GOAWAY as the end of the connection: it
     drops queued output and refuses to send on streams that are still open,
     which would cut every tunnel of a draining peer. This overrides the one
     private hook h2 dispatches GOAWAY frames to (checked against h2 4.x);
     errors other than NO_ERROR keep h2's behaviour.
+
+    2. A request over the stream limit, or a malformed one, is refused
+    alone (``_receive_headers_frame``).
     """
+
+    refused_streams = 0
 
     def _receive_goaway_frame(self, frame):
         if frame.error_code != 0:
@@ -57,17 +73,65 @@ class _GracefulGoawayH2(h2.connection.H2Connection):
         event.additional_data = frame.additional_data or None
         return [], [event]
 
+    def _receive_headers_frame(self, frame):
+        """Errors that concern one request refuse that stream, not the connection.
+
+        Stock h2 answers a request over MAX_CONCURRENT_STREAMS and a malformed
+        request (a CONNECT with ``:path``, a header with whitespace) with a
+        connection error: GOAWAY, and every stream in flight is lost. RFC 9113
+        5.1.2 and 8.1.1 make both stream errors: RST_STREAM(REFUSED_STREAM)
+        and RST_STREAM(PROTOCOL_ERROR). The header block is always decoded
+        first, so the HPACK state stays in step with the peer's; an HPACK
+        error stays a connection error. (Checked against h2 4.x internals:
+        ``highest_inbound_stream_id``, ``_closed_streams``; see
+        tests/unit/test_h2_limits.py.)
+        """
+        sid = frame.stream_id
+        new = sid not in self.streams
+        if (new and not self.config.client_side and sid > self.highest_inbound_stream_id
+                and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
+            h2.connection._decode_headers(self.decoder, frame.data)
+            self.highest_inbound_stream_id = sid
+            self._closed_streams[sid] = h2.stream.StreamClosedBy.SEND_RST_STREAM
+            rst = RstStreamFrame(sid)
+            rst.error_code = h2.errors.ErrorCodes.REFUSED_STREAM
+            self.refused_streams += 1
+            return [rst], []
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError:
+            if not (new and sid in self.streams) or self.config.client_side:
+                raise
+            # Decoded, the stream exists, and its request is malformed.
+            self.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.refused_streams += 1
+            return [], []
+
 
 class StreamReset(ConnectionError):
     """The peer reset the stream (RST_STREAM) or the connection went away."""
 
 
 class H2Stream:
+    """One CONNECT stream.
+
+    Two ways to use it. Attached to another end of a pipe (``attach``, the
+    data path: ``tunnel.bridge``), received DATA goes straight to that end
+    from the connection's ``data_received`` and is acknowledged to the peer
+    at once unless that end asked to pause (then the acknowledgement waits:
+    the peer stops after one stream window); bytes given to ``send`` go into
+    h2 at once, or wait for the window while the other end stops reading.
+    Not attached, ``read()``/``write()`` are coroutines (tests, simple uses).
+    """
+
     def __init__(self, conn: "H2Connection", stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
         self.request_headers: list[tuple[str, str]] = []
-        self.response: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.response: asyncio.Future = conn._loop.create_future()
+        self.response.add_done_callback(_retrieved)
+        self.task: asyncio.Task | None = None      # server side: the request's handler
+        self.responded = False
         self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
         self._readable = asyncio.Event()
         self._window = asyncio.Event()
@@ -75,16 +139,140 @@ class H2Stream:
         self.local_ended = False
         self.reset_code: int | None = None
         self.closed = False
+        # Pipe mode (attach): the other end, the counter attribute for bytes
+        # received here, and what waits for the peer's window.
+        self.peer = None
+        self.pipe = None
+        self.attr = ""
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self._eof_pending = False
+        self._pausers: set[str] = set()
+        self._held = 0               # received bytes not yet acknowledged (paused)
+        self._finished = False
+
+    # -- pipe mode -------------------------------------------------------------
+
+    def attach(self, peer, pipe, attr: str) -> None:
+        """Connect the other end of the pipe; data that arrived before goes now."""
+        self.peer, self.pipe, self.attr = peer, pipe, attr
+        if self.conn._write_paused:
+            peer.pause_reading("h2-conn")
+        while self._chunks:
+            data, flow_len = self._chunks.popleft()
+            pipe.count(attr, len(data))
+            peer.send(data)
+            self._held += flow_len
+        if self.reset_code is not None:
+            self._finish(reset=True)
+            peer.send_reset()
+            return
+        self._release_held()
+        if self.remote_ended:
+            peer.send_eof()
+        self._maybe_finish()
+
+    def send(self, data: bytes) -> None:
+        if self.reset_code is not None or self.conn.closed or self.local_ended:
+            return
+        if self._pending:
+            self._pending.append(memoryview(data))
+            return
+        rest = self._push(memoryview(data), data)
+        if rest:
+            self._pending.append(rest)
+            self.peer.pause_reading("h2-window")
+
+    def _push(self, view: memoryview, whole: bytes | None = None) -> memoryview:
+        """Send as much of ``view`` as the windows allow; returns the rest."""
+        conn = self.conn
+        while view:
+            size = conn.sendable(self.id)
+            if size <= 0:
+                break
+            if size >= len(view):
+                # Whole bytes objects go as they are (no copy); a slice is
+                # copied because h2 keeps what it is given until serialised.
+                conn.h2.send_data(self.id, whole if whole is not None else view.tobytes())
+                view = view[len(view):]
+            else:
+                conn.h2.send_data(self.id, view[:size].tobytes())
+                view = view[size:]
+            whole = None
+        conn.schedule_flush()
+        return view
+
+    def _window_opened(self) -> None:
+        if self.peer is None:
+            self._window.set()
+            return
+        pending = self._pending
+        while pending and self.reset_code is None and not self.conn.closed:
+            rest = self._push(pending[0])
+            if rest:
+                pending[0] = rest
+                return                 # still waiting for the window; the peer stays paused
+            pending.popleft()
+        if pending:
+            return
+        self.peer.resume_reading("h2-window")
+        if self._eof_pending:
+            self._eof_pending = False
+            self.end()
+
+    def send_eof(self) -> None:
+        if self._pending:
+            self._eof_pending = True
+        else:
+            self.end()
+
+    def send_reset(self) -> None:
+        self.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+
+    def pause_reading(self, reason: str) -> None:
+        self._pausers.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._pausers:
+            self._pausers.discard(reason)
+            if not self._pausers:
+                self._release_held()
+
+    def _release_held(self) -> None:
+        if self._held and not self._pausers:
+            held, self._held = self._held, 0
+            self.conn._consumed(self.id, held)
+
+    def _finish(self, reset: bool) -> None:
+        if not self._finished and self.pipe is not None:
+            self._finished = True
+            self.pipe.finished(reset)
+
+    def _maybe_finish(self) -> None:
+        if self.remote_ended and self.local_ended and self.reset_code is None:
+            self._finish(reset=False)
 
     # -- receiving ---------------------------------------------------------
 
     def _feed(self, data: bytes, flow_len: int) -> None:
-        self._chunks.append((data, flow_len))
-        self._readable.set()
+        peer = self.peer
+        if peer is None:
+            self._chunks.append((data, flow_len))
+            self._readable.set()
+            return
+        self.pipe.count(self.attr, len(data))
+        peer.send(data)
+        if self._pausers:
+            self._held += flow_len
+        else:
+            self.conn._consumed(self.id, flow_len, flush=False)
 
     def _end(self) -> None:
         self.remote_ended = True
-        self._readable.set()
+        if self.peer is not None:
+            self.peer.send_eof()
+            self._maybe_finish()
+        else:
+            self._readable.set()
 
     def _reset(self, code: int) -> None:
         self.reset_code = code
@@ -92,6 +280,9 @@ class H2Stream:
         self._window.set()
         if not self.response.done():
             self.response.set_exception(StreamReset(f"stream {self.id} reset by peer (code {code})"))
+        if self.peer is not None:
+            self._finish(reset=True)
+            self.peer.send_reset()
 
     async def read(self) -> bytes:
         """Next chunk of data; b"" at END_STREAM; raises StreamReset."""
@@ -122,8 +313,6 @@ class H2Stream:
                 self._window.clear()
                 await self._window.wait()
                 continue
-            # Whole bytes objects go as they are (no copy); a slice is copied
-            # because h2 keeps what it is given until it is serialised.
             chunk = data if size >= len(view) and isinstance(data, bytes) and len(view) == len(data) \
                 else view[:size].tobytes()
             self.conn.h2.send_data(self.id, chunk)
@@ -137,25 +326,33 @@ class H2Stream:
         self.local_ended = True
         try:
             self.conn.h2.end_stream(self.id)
-            self.conn.flush()
+            self.conn.schedule_flush()
         except h2.exceptions.H2Error:
             pass
+        self._maybe_finish()
+        self.conn._maybe_forget(self)
 
     def reset(self, code: int = h2.errors.ErrorCodes.CONNECT_ERROR) -> None:
         if self.reset_code is not None or self.conn.closed:
+            if self.peer is not None:
+                self._finish(reset=True)
             return
         self.reset_code = code
         try:
             self.conn.h2.reset_stream(self.id, code)
-            self.conn.flush()
+            self.conn.schedule_flush()
         except h2.exceptions.H2Error:
             pass
         self._readable.set()
         self._window.set()
+        self._pending.clear()
+        self._finish(reset=True)
+        self.conn._forget(self)
 
     def respond(self, status: int, headers: list[tuple[str, str]] = (), end: bool = False) -> None:
         """Server side: send the response headers."""
         self.conn.h2.send_headers(self.id, [(":status", str(status)), *headers], end_stream=end)
+        self.responded = True
         if end:
             self.local_ended = True
         self.conn.flush()
@@ -170,7 +367,7 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, client_side: bool, on_request: RequestHandler | None = None,
                  name: str = "", verify: Callable[[asyncio.BaseTransport], str] | None = None) -> None:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        self.h2 = _GracefulGoawayH2(config=config)
+        self.h2 = _HboneH2(config=config)
         self.h2.local_settings = h2.settings.Settings(client=client_side, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
@@ -191,11 +388,25 @@ class H2Connection(asyncio.Protocol):
         self.closed = False
         self.goaway_received = False
         self.goaway_sent = False
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.last_activity = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future = self._loop.create_future()
+        self.ready: asyncio.Future = self._loop.create_future()
+        self.ready.add_done_callback(_retrieved)
+        self.last_activity = self._loop.time()
+        self.frames_received = False           # any HTTP/2 bytes from the peer yet
+        self.streams_idle_since: float | None = self.last_activity
+        self._budgets = {
+            "PING": limits.Budget(limits.PING_BURST, limits.PING_RATE),
+            "SETTINGS": limits.Budget(limits.SETTINGS_BURST, limits.SETTINGS_RATE),
+            "early stream resets": limits.Budget(limits.EARLY_RESET_BURST, limits.EARLY_RESET_RATE),
+            "refused streams": limits.Budget(limits.REFUSED_BURST, limits.REFUSED_RATE),
+        }
+        self._refused_seen = 0
+        self.calmed = ""                       # why we sent GOAWAY ENHANCE_YOUR_CALM
         self._can_write = asyncio.Event()
         self._can_write.set()
+        self._write_paused = False
+        self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
         self._pings: dict[bytes, asyncio.Future] = {}
 
@@ -226,7 +437,8 @@ class H2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_activity = asyncio.get_running_loop().time()
+        self.last_activity = self._loop.time()
+        self.frames_received = True
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -238,24 +450,50 @@ class H2Connection(asyncio.Protocol):
             return
         for event in events:
             self._dispatch(event)
+            if self.closed:
+                return
+        if self.h2.refused_streams != self._refused_seen:
+            n = self.h2.refused_streams - self._refused_seen
+            self._refused_seen = self.h2.refused_streams
+            if not self._budgets["refused streams"].spend(self.last_activity, n):
+                self._calm("refused streams")
+                return
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._abort_all()
 
     def pause_writing(self) -> None:
+        # The TLS transport's buffer is full: every attached stream's other
+        # end stops reading until it drains (bounded memory per connection).
+        self._write_paused = True
         self._can_write.clear()
+        for stream in list(self.streams.values()):
+            if stream.peer is not None:
+                stream.peer.pause_reading("h2-conn")
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         self._can_write.set()
+        for stream in list(self.streams.values()):
+            if stream.peer is not None:
+                stream.peer.resume_reading("h2-conn")
 
     # -- events ------------------------------------------------------------
 
     def _dispatch(self, event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None or stream.reset_code is not None:
+                # Not ours any more: give the window back so the connection lives on.
+                self._consumed(event.stream_id, event.flow_controlled_length, flush=False)
+                return
+            stream._feed(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.RequestReceived):
             stream = H2Stream(self, event.stream_id)
             stream.request_headers = list(event.headers)
             self.streams[event.stream_id] = stream
+            self.streams_idle_since = None
             if event.stream_ended:
                 stream._end()
             if self.on_request is None or self.goaway_sent:
@@ -263,20 +501,13 @@ class H2Connection(asyncio.Protocol):
                 self.streams.pop(event.stream_id, None)
                 return
             task = asyncio.ensure_future(self._serve(stream))
+            stream.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream and not stream.response.done():
                 stream.response.set_result(list(event.headers))
-        elif isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)
-            if stream is None or stream.reset_code is not None:
-                # Not ours any more: give the window back so the connection lives on.
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id) \
-                    if event.stream_id in self.h2.streams else None
-                return
-            stream._feed(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream:
@@ -285,15 +516,29 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.pop(event.stream_id, None)
             if stream:
+                self._stream_gone()
+                if not self.client_side and not stream.responded:
+                    # Reset before we answered: stop its handler, so that no
+                    # upstream connection is opened for it (rapid reset), and
+                    # count it against the peer's budget.
+                    if stream.task is not None and stream.peer is None:
+                        stream.task.cancel()
+                    if not self._budgets["early stream resets"].spend(self.last_activity):
+                        stream._reset(event.error_code)
+                        self._calm("early stream resets")
+                        return
                 stream._reset(event.error_code)
         elif isinstance(event, h2.events.WindowUpdated):
-            targets = self.streams.values() if event.stream_id == 0 else \
-                [s for s in (self.streams.get(event.stream_id),) if s]
-            for stream in targets:
-                stream._window.set()
+            if event.stream_id == 0:
+                for stream in list(self.streams.values()):
+                    stream._window_opened()
+            else:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream._window_opened()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            for stream in self.streams.values():
-                stream._window.set()
+            for stream in list(self.streams.values()):
+                stream._window_opened()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway_received = True
             # last_stream_id speaks of streams the *receiver* opened: only a
@@ -309,12 +554,23 @@ class H2Connection(asyncio.Protocol):
             fut = self._pings.pop(event.ping_data, None)
             if fut and not fut.done():
                 fut.set_result(True)
+        elif isinstance(event, h2.events.PingReceived):
+            if not self._budgets["PING"].spend(self.last_activity):
+                self._calm("PING")
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self._budgets["SETTINGS"].spend(self.last_activity):
+                self._calm("SETTINGS")
 
     async def _serve(self, stream: H2Stream) -> None:
         try:
             await self.on_request(stream)
-        except Exception:
-            log.exception("%s: stream %d handler failed", self.name, stream.id)
+        except asyncio.CancelledError:
+            stream.reset(h2.errors.ErrorCodes.CANCEL)
+        except Exception as exc:
+            # One line, not a traceback: a peer can make handlers fail at
+            # will, and the log must not grow with it.
+            log.error("%s: stream %d handler failed: %s: %s", self.name, stream.id,
+                      type(exc).__name__, exc)
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             stream.closed = True
@@ -322,9 +578,63 @@ class H2Connection(asyncio.Protocol):
 
     def _maybe_forget(self, stream: H2Stream) -> None:
         if stream.remote_ended and (stream.local_ended or stream.reset_code is not None):
-            self.streams.pop(stream.id, None)
-            if (self.goaway_received or self.goaway_sent) and not self.streams and self.transport:
-                self.transport.close()
+            self._forget(stream)
+
+    def _forget(self, stream: H2Stream) -> None:
+        """The stream is over on our side: it no longer counts against capacity."""
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            self._stream_gone()
+        if (self.goaway_received or self.goaway_sent) and not self.streams and self.transport:
+            self.flush()
+            self.transport.close()
+
+    def _stream_gone(self) -> None:
+        if not self.streams:
+            self.streams_idle_since = self._loop.time()
+
+    def _calm(self, what: str) -> None:
+        """The peer ran a budget dry: GOAWAY ENHANCE_YOUR_CALM, then close."""
+        if self.closed:
+            return
+        self.calmed = what
+        log.warning("%s: peer exceeded its %s budget; GOAWAY ENHANCE_YOUR_CALM", self.name, what)
+        # h2 has already queued its answers to the whole read (a PING ACK per
+        # PING): they are dropped, the peer gets only the GOAWAY.
+        self.h2.clear_outbound_data_buffer()
+        try:
+            self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        except h2.exceptions.H2Error:
+            pass
+        self.flush()
+        self._abort_all()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def serve(self, preface_seconds: float = limits.PREFACE_SECONDS,
+                    idle_seconds: float = limits.IDLE_SECONDS) -> None:
+        """Server side: run until the connection ends, closing it when the
+        peer sends no HTTP/2 preface within ``preface_seconds`` or keeps it
+        open without a stream for ``idle_seconds`` (PINGs do not count)."""
+        loop = self._loop
+        started = loop.time()
+        while not self.done.done():
+            now = loop.time()
+            if not self.frames_received:
+                wait = started + preface_seconds - now
+                why = f"no HTTP/2 preface within {preface_seconds:g}s"
+            elif self.streams_idle_since is not None:
+                wait = self.streams_idle_since + idle_seconds - now
+                why = f"no stream for {idle_seconds:g}s"
+            else:
+                wait = idle_seconds
+                why = ""
+            if wait <= 0 and why:
+                log.info("%s: closing: %s", self.name, why)
+                self.close()
+                break
+            await asyncio.wait([self.done], timeout=max(wait, 0.05))
+        await self.done
 
     def _abort_all(self) -> None:
         if self.closed:
@@ -345,9 +655,21 @@ class H2Connection(asyncio.Protocol):
     # -- helpers for streams -----------------------------------------------
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def schedule_flush(self) -> None:
+        """Write what h2 has queued at the end of this event-loop turn.
+
+        Every stream of the connection that sends in the same turn (and the
+        WINDOW_UPDATEs for data received in it) then goes out as one TLS
+        write: fewer records and one send() instead of one per message.
+        """
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
 
     async def drain(self) -> None:
         await self._can_write.wait()
@@ -358,7 +680,12 @@ class H2Connection(asyncio.Protocol):
         except (h2.exceptions.StreamClosedError, KeyError):
             return -1
 
-    def _consumed(self, stream_id: int, flow_len: int) -> None:
+    def _consumed(self, stream_id: int, flow_len: int, flush: bool = True) -> None:
+        """Give ``flow_len`` bytes of window back to the peer.
+
+        ``flush=False``: the caller is inside ``data_received``, which writes
+        once when all events of that read are handled.
+        """
         if flow_len and not self.closed:
             try:
                 self.h2.acknowledge_received_data(flow_len, stream_id)
@@ -366,7 +693,8 @@ class H2Connection(asyncio.Protocol):
                 self.h2.increment_flow_control_window(flow_len)   # the connection's share
             except h2.exceptions.H2Error:
                 pass
-            self.flush()
+            if flush:
+                self.schedule_flush()
 
     # -- client side -------------------------------------------------------
 

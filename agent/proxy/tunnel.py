@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 
 import h2.errors
 
-from agent.proxy.appsock import AppSocket, set_nodelay
+from agent.proxy.appsock import Pipe, set_nodelay, wrap
 from agent.proxy.copy import ByteCounter
 from agent.proxy.h2conn import H2Connection, H2Stream
 from agent.proxy.tls import PeerIdentityError, check_server_identity
@@ -27,74 +27,33 @@ log = logging.getLogger(__name__)
 
 async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
                  totals=None, sock_is_app: bool = True) -> str:
-    """Copy between a TCP socket and an HBONE stream until both directions end.
+    """Carry bytes between a TCP socket and an HBONE stream until both directions end.
 
     FIN -> END_STREAM and END_STREAM -> FIN (half-close); TCP reset ->
     RST_STREAM(CONNECT_ERROR) and RST_STREAM -> TCP reset (RFC 9113 8.5).
     ``sock_is_app``: the socket faces the pod's application (counted as
-    "sent" when it writes); otherwise the stream does.
+    "sent" when it writes); otherwise the stream does. Returns "closed" or
+    "reset"; the socket is closed on return (cancellation resets both).
+
+    The bytes move from callback to callback (``appsock``): the socket's
+    reads go into h2 at once, DATA frames go to the socket from the
+    connection's ``data_received``; this coroutine only waits for the end.
     """
     up_attr, down_attr = ("sent", "received") if sock_is_app else ("received", "sent")
-
-    def add(attr: str, n: int) -> None:
-        setattr(counter, attr, getattr(counter, attr) + n)
-        if totals is not None:
-            setattr(totals, attr, getattr(totals, attr) + n)
-
-    # The socket as an asyncio transport (appsock): it stays registered with
-    # epoll and holds no receive buffer while idle.
+    pipe = Pipe(counter, totals)
     try:
-        tcp = await AppSocket.wrap(sock)
+        tcp = await wrap(sock, pipe, up_attr)
     except BaseException:
         stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
         raise
-
-    async def sock_to_stream() -> None:
-        while True:
-            try:
-                data = await tcp.read()
-            except (ConnectionResetError, BrokenPipeError):
-                stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
-                raise
-            if not data:
-                stream.end()
-                return
-            await stream.write(data)
-            add(up_attr, len(data))
-
-    async def stream_to_sock() -> None:
-        while True:
-            data = await stream.read()
-            if not data:
-                tcp.write_eof()
-                return
-            await tcp.write(data)
-            add(down_attr, len(data))
-
-    tasks = [asyncio.ensure_future(sock_to_stream()), asyncio.ensure_future(stream_to_sock())]
-    outcome = "closed"
+    tcp.attach(stream)
+    stream.attach(tcp, pipe, down_attr)
     try:
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(t.exception() is not None for t in done):
-                outcome = "reset"
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                break
+        return await asyncio.shield(pipe.done)
     except asyncio.CancelledError:
-        for t in tasks:
-            t.cancel()
-        outcome = "reset"
+        stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
+        tcp.abort()
         raise
-    finally:
-        if outcome == "reset":
-            stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
-            tcp.abort()
-        else:
-            tcp.close()
-    return outcome
 
 
 @dataclass(frozen=True)
