@@ -15,15 +15,17 @@ import os
 import signal
 from dataclasses import dataclass
 
+from agent import eventloop
 from agent.capture.datapath import DEFAULT_CGROUP, CaptureDatapath, CaptureError
 from agent.capture.inpod import InPodCapture, PodListeners
 from agent.control import CniAdd, CniDel, ControlServer, Request, StatusRequest
 from agent.enrol import discover
-from agent.enrol.reconcile import Unrecorded, annotation_changes, desired, plan, unrecorded
+from agent.enrol.reconcile import (AddAction, Unrecorded, add_action, annotation_changes, desired,
+                                   plan, unrecorded)
 from agent.enrol.records import PodRecord, RecordStore
 from agent.enrol.rule import DEFAULT_EXCLUDED
 from agent.identity.node import NodeIdentities
-from agent.netns import NetnsSwitcher
+from agent.netns import NetnsError, NetnsSwitcher, netns_id, open_netns
 from agent.observe.accesslog import AccessLogSink
 from agent.observe.admin import AdminServer
 from agent.observe.metrics import Metrics, WithoutCreated
@@ -71,6 +73,10 @@ class CapturedPod:
     listeners: PodListeners
     proxy: PodProxy
     identity: str
+    # What this capture's steering was set up with: a replacement clears
+    # exactly these, and a failed one restores them.
+    ips: list[str]
+    gateways: list[str]
 
 
 class NodeAgent:
@@ -83,7 +89,7 @@ class NodeAgent:
         self.state = ClusterState.from_items([])
         self.datapath = CaptureDatapath(config.pin_dir, config.cgroup)
         self.switcher = NetnsSwitcher()
-        self.inpod = InPodCapture(self.datapath, self.switcher)
+        self.inpod = InPodCapture(self.datapath, self.switcher, config.host_proc)
         self.records = RecordStore(os.path.join(config.run_dir, "pods"))
         self.known: dict[str, PodRecord] = {}
         self.captured: dict[str, CapturedPod] = {}
@@ -132,7 +138,7 @@ class NodeAgent:
         self._bpf_ready = True
         if self.identities is not None:
             self.identities.start()
-        self._readopt()
+        await self._readopt()
         await self.control.start()
         await self.admin.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,7 +163,7 @@ class NodeAgent:
         log.info("shutting down: draining connections for up to %.1f s", self.config.drain_seconds)
         self._stopping.set()      # readiness goes false first
         await self.control.close()
-        for pod in self.captured.values():
+        for pod in list(self.captured.values()):
             await pod.proxy.stop_accepting()
             for sock in pod.listeners.all():
                 sock.close()
@@ -170,7 +176,7 @@ class NodeAgent:
         self.datapath.close()
         self.switcher.close()
 
-    def _readopt(self) -> None:
+    async def _readopt(self) -> None:
         """Take back the pods a previous agent captured (and forget vanished ones)."""
         for rec in self.records.load_all():
             if not os.path.exists(rec.netns):
@@ -190,7 +196,7 @@ class NodeAgent:
                 log.info("removing stale capture of network namespace cookie %d", cookie)
                 self.datapath.clear_outbound(cookie)
                 self.datapath.detach_netns(cookie)
-        self._reconcile()
+        await self._reconcile()
 
     def _drop_stale(self, rec: PodRecord) -> None:
         if rec.netns_cookie:
@@ -199,66 +205,170 @@ class NodeAgent:
 
     # -- capture -----------------------------------------------------------
 
-    def _capture(self, rec: PodRecord) -> None:
-        listeners = self.inpod.open(rec.netns)
-        if rec.netns_cookie and rec.netns_cookie != listeners.cookie:
+    def _capture(self, rec: PodRecord, netns_fd: int | None = None) -> CapturedPod | None:
+        """Capture the pod of ``rec`` in its network namespace.
+
+        ``netns_fd`` is that namespace already opened by ``open_netns`` (it is
+        taken over); without it ``rec.netns`` is opened and validated here.
+        A pod captured in another namespace keeps that capture until the new
+        listeners are open and steered to, so a failure leaves the old capture
+        as it was (issue 11). The replaced capture is returned with its
+        steering removed but its accept loops still running: the caller must
+        ``await self._retire()`` it.
+        """
+        previous = self.captured.get(rec.key)
+        listeners = (self.inpod.open(rec.netns) if netns_fd is None
+                     else self.inpod.listen(netns_fd, rec.netns))
+        if previous is None and rec.netns_cookie and rec.netns_cookie != listeners.cookie:
             # Same path, different namespace: the old one's state is stale.
             self.inpod.disable(rec.netns_cookie, rec.ips)
+        shared = set(previous.ips) if previous is not None else set()
         try:
             self.inpod.enable(listeners, rec.ips, rec.gateways)
         except OSError:
-            self.inpod.disable(listeners.cookie, rec.ips)
+            self.inpod.disable(listeners.cookie, [ip for ip in rec.ips if ip not in shared])
             self.inpod.close(listeners)
+            if previous is not None:
+                # Addresses both captures share may point at the new listeners already.
+                self._restore_steering(rec.key, previous)
             raise
+        if previous is not None:
+            # The pod's traffic now reaches the new listeners. The old namespace
+            # is no longer steered, nor are addresses the pod no longer has.
+            self.inpod.disable(previous.listeners.cookie, [ip for ip in previous.ips if ip not in rec.ips])
         rec.netns_cookie = listeners.cookie
         rec.enrolled = True
-        counters = self.counters.setdefault(rec.key, PodCounters())
         pod = self.state.pod(rec.namespace, rec.name)
         if pod is not None:
             rec.service_account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        captured = self._serve(rec, listeners)
+        self.captured[rec.key] = captured
+        if self.identities is not None:
+            self.identities.track(captured.identity)
+        if previous is not None:
+            self._forget_identity(previous.identity)
+        self.records.save(rec)
+        return previous
+
+    def _serve(self, rec: PodRecord, listeners: PodListeners) -> CapturedPod:
+        """A proxy for the pod, accepting on ``listeners``.
+
+        Nothing else may be accepting on them: two accept loops on one fd
+        would unregister each other from the event loop.
+        """
+        counters = self.counters.setdefault(rec.key, PodCounters())
+        pod = self.state.pod(rec.namespace, rec.name)
         identity = self._identity(rec)
         proxy = PodProxy(rec.key, identity, list(rec.ips), workload_metadata(pod) or
                          {"namespace": rec.namespace, "workload_name": rec.name},
                          listeners, self.datapath, self.switcher, counters, self.plane)
         proxy.start()
-        self.captured[rec.key] = CapturedPod(listeners, proxy, identity)
-        if self.identities is not None:
-            self.identities.track(identity)
+        return CapturedPod(listeners, proxy, identity, list(rec.ips), list(rec.gateways))
+
+    def _restore_steering(self, key: str, pod: CapturedPod) -> None:
+        try:
+            self.inpod.enable(pod.listeners, pod.ips, pod.gateways)
+        except OSError as exc:     # the node reconciler's capture check retries it
+            log.error("pod %s: could not restore the steering to its capture: %s", key, exc)
+
+    async def _keep(self, rec: PodRecord, current: CapturedPod, old: PodRecord | None) -> None:
+        """A CNI ADD for the namespace the pod is captured in: its listeners stay.
+
+        They cannot be replaced there anyway (a second set would collide on
+        the same ports). The record follows the request (path, uid, sandbox);
+        steering follows changed addresses; a new pod (uid), identity or set
+        of addresses gets a new proxy on the same listeners.
+        """
+        rec.netns_cookie = current.listeners.cookie
+        rec.enrolled = True
+        pod = self.state.pod(rec.namespace, rec.name)
+        if pod is not None:
+            rec.service_account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+        elif old is not None:
+            rec.service_account = old.service_account
+        ips_changed = set(rec.ips) != set(current.ips) or list(rec.gateways) != current.gateways
+        if ips_changed:
+            self.inpod.enable(current.listeners, rec.ips, rec.gateways)
+            for ip in current.ips:
+                if ip not in rec.ips:
+                    self.datapath.clear_inbound(ip)
+            current.ips, current.gateways = list(rec.ips), list(rec.gateways)
+        self.known[rec.key] = rec
         self.records.save(rec)
+        identity = self._identity(rec)
+        if old is not None and old.uid == rec.uid and identity == current.identity and not ips_changed:
+            return                      # the same sandbox again
+        # The old accept loops must be gone before new ones register the same fds.
+        await current.proxy.stop_accepting()
+        if self.captured.get(rec.key) is not current:
+            return                      # released or moved by another request meanwhile
+        replacement = self._serve(rec, current.listeners)
+        self.captured[rec.key] = replacement
+        if self.identities is not None:
+            self.identities.track(replacement.identity)
+        self._forget_identity(current.identity)
 
     def _identity(self, rec: PodRecord) -> str:
         return f"spiffe://{self.config.trust_domain}/ns/{rec.namespace}/sa/{rec.service_account}"
 
-    def _release(self, rec: PodRecord) -> None:
-        pod = self.captured.pop(rec.key, None)
-        if rec.netns_cookie:
-            self.inpod.disable(rec.netns_cookie, rec.ips)
-        if pod is not None:
-            asyncio.ensure_future(pod.proxy.stop_accepting())
-            self.inpod.close(pod.listeners)
-            # Identities of pods that left the node are dropped.
-            if self.identities is not None and not any(
-                    p.identity == pod.identity for p in self.captured.values()):
-                self.identities.forget(pod.identity)
-        rec.enrolled = False
+    def _forget_identity(self, identity: str) -> None:
+        # Identities of pods that left the node are dropped.
+        if self.identities is not None and not any(p.identity == identity for p in self.captured.values()):
+            self.identities.forget(identity)
 
-    def _reconcile(self) -> dict[str, str]:
+    def _release(self, rec: PodRecord) -> CapturedPod | None:
+        """Stop capturing the pod of ``rec``: steering removed, record marked.
+
+        Returns the capture, whose sockets are still open: the caller must
+        ``await self._retire()`` it. Everything else happens here, at once,
+        so other requests never see a half-released pod.
+        """
+        pod = self.captured.pop(rec.key, None)
+        if pod is not None:
+            self.inpod.disable(pod.listeners.cookie, pod.ips)
+        elif rec.netns_cookie:
+            self.inpod.disable(rec.netns_cookie, rec.ips)
+        rec.enrolled = False
+        if pod is not None:
+            self._forget_identity(pod.identity)
+        return pod
+
+    async def _retire(self, pod: CapturedPod | None) -> None:
+        """Stop a capture's accept loops, then close its sockets.
+
+        In this order: a cancelled accept unregisters its fd from the event
+        loop only when the cancellation is processed. Sockets closed before
+        that free their fd numbers for the next listeners opened (a
+        re-ADD's), and the late unregistration then removes those from epoll:
+        every connection to the pod hangs while it looks captured (issue 11).
+        """
+        if pod is None:
+            return
+        await pod.proxy.stop_accepting()
+        self.inpod.close(pod.listeners)
+
+    async def _reconcile(self) -> dict[str, str]:
         """Apply the rule to the pods we have records of; returns the captures that failed."""
         failed = {}
         for change in plan(list(self.known.values()), self.state, self.config.excluded_namespaces):
             rec = change.record
+            if self.known.get(rec.key) is not rec:
+                continue      # replaced by a CNI request while an earlier change was awaited
             rec.reason = change.reason
             if change.enrol:
                 try:
-                    self._capture(rec)
+                    previous = self._capture(rec)
                     log.info("pod %s: captured (%s)", rec.key, change.reason)
                 except OSError as exc:
                     log.error("pod %s: capture failed: %s", rec.key, exc)
                     failed[rec.key] = f"capture failed: {exc}"
+                    continue
+                await self._retire(previous)
             else:
-                self._release(rec)
+                retired = self._release(rec)
                 self.records.save(rec)
                 log.info("pod %s: released (%s)", rec.key, change.reason)
+                await self._retire(retired)
         return failed
 
     # -- live enrolment: the node reconciler ---------------------------------
@@ -293,15 +403,15 @@ class NodeAgent:
         # What cannot be fixed is collected afresh on every run, so a pod
         # stays reported exactly as long as its problem lasts.
         problems: dict[str, str] = {}
-        self._drop_vanished()
-        problems.update(self._reconcile())
+        await self._drop_vanished()
+        problems.update(await self._reconcile())
         problems.update(self._verify_capture())
         missing = unrecorded(self.state, self.config.node, self.known, self.config.excluded_namespaces)
         if missing:
             views = await loop.run_in_executor(None, discover.scan, self.switcher,
                                                self.config.host_proc, self.config.netns_dirs)
             for pod in missing:
-                problem = self._adopt_running(pod, discover.match(views, pod.ips))
+                problem = await self._adopt_running(pod, discover.match(views, pod.ips))
                 if problem:
                     problems[pod.key] = problem
         for key, problem in problems.items():
@@ -310,20 +420,25 @@ class NodeAgent:
         self.unresolved = problems
         await self._sync_annotations()
 
-    def _adopt_running(self, pod: Unrecorded, found) -> str | None:
+    async def _adopt_running(self, pod: Unrecorded, found) -> str | None:
         """Capture a running pod found by its IP; the problem if it cannot be."""
         if not isinstance(found, discover.PodNetns):
             return found or f"no network namespace on this node holds {', '.join(pod.ips)}"
         old = self.known.get(pod.key)
         if old is not None and old.uid == pod.uid:
             return None              # CNI ADD came while we were scanning
+        retired = None
         if old is not None:          # an older pod of the same name
-            self._release(old)
+            retired = self._release(old)
             self.records.remove(old)
         rec = PodRecord(namespace=pod.namespace, name=pod.name, uid=pod.uid, container_id="",
                         netns=found.path, ips=list(found.ips), gateways=list(found.gateways),
                         reason=pod.reason)
         self.known[pod.key] = rec
+        # The old pod's sockets go first: they may live in the same namespace.
+        await self._retire(retired)
+        if self.known.get(pod.key) is not rec:
+            return None              # a CNI request took the pod over meanwhile
         try:
             self._capture(rec)
         except OSError as exc:
@@ -332,14 +447,16 @@ class NodeAgent:
         log.info("pod %s: running pod captured (%s; network namespace %s)", pod.key, pod.reason, found.path)
         return None
 
-    def _drop_vanished(self) -> None:
+    async def _drop_vanished(self) -> None:
         """Forget pods whose network namespace is gone (DEL missed while we were away)."""
         for key, rec in list(self.known.items()):
-            if not os.path.exists(rec.netns):
-                self._release(rec)
-                self.records.remove(rec)
-                del self.known[key]
-                log.info("pod %s: network namespace %s is gone; forgotten", key, rec.netns)
+            if self.known.get(key) is not rec or os.path.exists(rec.netns):
+                continue
+            retired = self._release(rec)
+            self.records.remove(rec)
+            del self.known[key]
+            log.info("pod %s: network namespace %s is gone; forgotten", key, rec.netns)
+            await self._retire(retired)
 
     def _verify_capture(self) -> dict[str, str]:
         """Captured pods' BPF state must be whole; what is missing is put back.
@@ -397,14 +514,14 @@ class NodeAgent:
 
     async def handle(self, request: Request) -> dict:
         if isinstance(request, CniAdd):
-            return self._cni_add(request)
+            return await self._cni_add(request)
         if isinstance(request, CniDel):
-            return self._cni_del(request)
+            return await self._cni_del(request)
         if isinstance(request, StatusRequest):
             return self.status()
         return {"ok": False, "error": f"unsupported request {type(request).__name__}"}
 
-    def _cni_add(self, req: CniAdd) -> dict:
+    async def _cni_add(self, req: CniAdd) -> dict:
         key = f"{req.namespace}/{req.name}"
         # The pod may have been written to the state after our last poll.
         try:
@@ -416,37 +533,64 @@ class NodeAgent:
                            self.config.excluded_namespaces)
         if decision is None:
             return {"ok": False, "error": f"pod {key} (uid {req.uid or '?'}) is not in the cluster state yet"}
+        # The path must be a pod's network namespace before anything changes:
+        # a request that fails here leaves the pod's capture as it was (issue 11).
+        try:
+            fd = open_netns(req.netns, self.config.host_proc)
+        except NetnsError as exc:
+            log.warning("pod %s: CNI ADD refused: %s", key, _why(exc))
+            return {"ok": False, "error": f"pod {key}: {_why(exc)}"}
         old = self.known.get(key)
-        if old is not None and (old.uid != req.uid or old.netns != req.netns):
-            self._release(old)
-            self.records.remove(old)
+        current = self.captured.get(key)
+        action = add_action(netns_id(current.listeners.netns_fd) if current is not None else None,
+                            netns_id(fd), decision.enrolled)
         rec = PodRecord(namespace=req.namespace, name=req.name, uid=req.uid,
                         container_id=req.container_id, netns=req.netns, ips=list(req.ips),
                         gateways=list(req.gateways), enrolled=False, reason=decision.reason)
-        if old is not None and old.uid == req.uid and old.netns == req.netns:
-            rec = old    # a repeated ADD for the same sandbox: idempotent
-            rec.reason = decision.reason
-        self.known[key] = rec
-        if decision.enrolled and key not in self.captured:
+        if old is not None and old.uid == req.uid:
+            rec.service_account = old.service_account
+        if action in (AddAction.CAPTURE, AddAction.MOVE):
             try:
-                self._capture(rec)
+                previous = self._capture(rec, fd)
             except OSError as exc:
                 log.error("pod %s: capture failed: %s", key, exc)
+                if current is None:
+                    self.known[key] = rec   # the node reconciler retries it
                 return {"ok": False, "error": f"pod {key}: capture failed: {exc}"}
-            log.info("pod %s: enrolled (%s)", key, decision.reason)
-        else:
-            self.records.save(rec)
+            self.known[key] = rec
+            if previous is not None:
+                log.info("pod %s: capture moved from %s to %s (%s)", key, old.netns if old else "?",
+                         req.netns, decision.reason)
+            else:
+                log.info("pod %s: enrolled (%s)", key, decision.reason)
+            await self._retire(previous)
+            return {"ok": True, "enrolled": rec.enrolled, "reason": rec.reason}
+        os.close(fd)
+        if action is AddAction.KEEP:
+            try:
+                await self._keep(rec, current, old)
+            except OSError as exc:
+                log.error("pod %s: capture update failed: %s", key, exc)
+                return {"ok": False, "error": f"pod {key}: capture update failed: {exc}"}
+            return {"ok": True, "enrolled": rec.enrolled, "reason": rec.reason}
+        retired = self._release(old) if action is AddAction.RELEASE and old is not None else None
+        self.known[key] = rec
+        self.records.save(rec)
+        if retired is not None:
+            log.info("pod %s: released (%s)", key, decision.reason)
+        await self._retire(retired)
         return {"ok": True, "enrolled": rec.enrolled, "reason": rec.reason}
 
-    def _cni_del(self, req: CniDel) -> dict:
+    async def _cni_del(self, req: CniDel) -> dict:
         key = f"{req.namespace}/{req.name}"
         rec = self.known.get(key)
         if rec is None or (req.uid and rec.uid and req.uid != rec.uid):
             return {"ok": True}
-        self._release(rec)
+        retired = self._release(rec)
         self.records.remove(rec)
         del self.known[key]
         log.info("pod %s: removed (CNI DEL)", key)
+        await self._retire(retired)
         return {"ok": True}
 
     def _before_scrape(self) -> None:
@@ -522,6 +666,11 @@ class NodeAgent:
                 "trust_bundle": self.identities.bundle_status() if self.identities else None}
 
 
+def _why(exc: OSError) -> str:
+    """An OSError's message without the "[Errno N]" prefix."""
+    return exc.strerror or str(exc)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the node agent")
     p.add_argument("--node", required=True, help="name of the node this agent serves")
@@ -559,6 +708,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--netns-dir", action="append", dest="netns_dirs",
                    help="directory of pinned pod network namespaces (repeatable; "
                         f"default {' and '.join(discover.PINNED_NETNS_DIRS)})")
+    p.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto",
+                   help="event loop for the data path: uvloop (default when installed) or asyncio")
     p.set_defaults(func=_run)
 
 
@@ -584,7 +735,7 @@ def _run(args: argparse.Namespace) -> int:
         log.error("--ca-address needs --ca-root and --token-file")
         return 2
     try:
-        asyncio.run(NodeAgent(config).run())
+        eventloop.run(NodeAgent(config).run, args.event_loop)
     except CaptureError as exc:
         log.error("cannot start capture: %s", exc)
         return 1

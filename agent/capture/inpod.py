@@ -84,18 +84,27 @@ def _open_listeners() -> tuple[list[socket.socket], socket.socket, socket.socket
 class InPodCapture:
     """Turns pods' capture on and off; owns their listeners."""
 
-    def __init__(self, datapath: CaptureDatapath, switcher: NetnsSwitcher) -> None:
+    def __init__(self, datapath: CaptureDatapath, switcher: NetnsSwitcher,
+                 host_proc: str = "/proc") -> None:
         self.datapath = datapath
         self.switcher = switcher
+        self.host_proc = host_proc   # for open_netns: the node's namespace is never a pod's
 
     def open(self, netns_path: str) -> PodListeners:
-        fd = open_netns(netns_path)
+        """Validate the namespace at ``netns_path`` and open the pod's listeners in it."""
+        return self.listen(open_netns(netns_path, self.host_proc), netns_path)
+
+    def listen(self, netns_fd: int, netns_path: str) -> PodListeners:
+        """Open the pod's listeners in the namespace ``netns_fd`` (from ``open_netns``).
+
+        The fd is taken over: kept in the PodListeners, or closed on failure.
+        """
         try:
-            outbound, inbound, hbone = self.switcher.run(fd, _open_listeners)
+            outbound, inbound, hbone = self.switcher.run(netns_fd, _open_listeners)
         except OSError as exc:
-            os.close(fd)
+            os.close(netns_fd)
             raise OSError(exc.errno, f"open listeners in {netns_path}: {exc.strerror}") from None
-        return PodListeners(fd, netns_cookie(inbound), outbound, inbound, hbone)
+        return PodListeners(netns_fd, netns_cookie(inbound), outbound, inbound, hbone)
 
     def enable(self, listeners: PodListeners, ips: list[str], probe_sources: list[str]) -> None:
         dp = self.datapath

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from agent.netns import NetnsError, NetnsSwitcher, open_netns
+from agent.netns import NetnsError, NetnsSwitcher, open_netns, refused_netns
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +189,19 @@ def _read_inside() -> tuple[str, str, str, str]:
 
 def scan(switcher: NetnsSwitcher, proc: str = "/proc",
          pinned_dirs=PINNED_NETNS_DIRS) -> list[NetnsView]:
-    """Every network namespace on the host but ours, with its addresses."""
+    """Every network namespace on the host but ours and the node's, with its addresses.
+
+    Each candidate is opened by ``open_netns``, as a CNI ADD's path is: a
+    FIFO or a regular file dropped in a pinned directory is skipped without
+    blocking, and the node's own namespace is never taken for a pod's.
+    """
     views = []
+    refused = refused_netns(proc)
     for path in _candidates(proc, pinned_dirs).values():
         try:
-            fd = open_netns(path)
-        except NetnsError:
+            fd = open_netns(path, refused=refused)
+        except NetnsError as exc:
+            log.debug("skipping %s", exc)
             continue
         try:
             fib, inet6, route, route6 = switcher.run(fd, _read_inside)

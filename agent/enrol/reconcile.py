@@ -8,6 +8,7 @@ idempotent: run it after every state change and after a restart.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from agent.enrol.records import PodRecord
@@ -48,6 +49,33 @@ def plan(records: list[PodRecord], state, excluded=DEFAULT_EXCLUDED) -> list[Cha
         if decision.enrolled != rec.enrolled:
             changes.append(Change(rec, decision.enrolled, decision.reason))
     return changes
+
+
+# -- a CNI ADD for a pod the agent may already capture ---------------------------------
+
+class AddAction(enum.Enum):
+    RECORD = "record"      # remember the pod; the rule does not enrol it
+    CAPTURE = "capture"    # not captured: open listeners in the namespace and capture it
+    KEEP = "keep"          # captured in that very namespace: keep the listeners, update the record
+    MOVE = "move"          # captured in another namespace: capture in the new one, then retire the old
+    RELEASE = "release"    # captured, but the rule no longer enrols it
+
+
+def add_action(captured_in: object | None, requested: object, enrol: bool) -> AddAction:
+    """What a CNI ADD does to a pod's capture (issue 11).
+
+    ``captured_in`` identifies the namespace the pod is captured in (None:
+    not captured), ``requested`` the one the ADD names; both are namespace
+    identities (device and inode of the namespace file), never path strings:
+    ``/run/netns/x`` and ``/var/run/netns/x`` are one namespace, and listeners
+    opened a second time in the same namespace would collide with the first.
+    A new uid in the same namespace is KEEP too: the sandbox is the same.
+    """
+    if captured_in is None:
+        return AddAction.CAPTURE if enrol else AddAction.RECORD
+    if not enrol:
+        return AddAction.RELEASE
+    return AddAction.KEEP if captured_in == requested else AddAction.MOVE
 
 
 # -- pods the agent has no record of --------------------------------------------------

@@ -138,6 +138,7 @@ class PodProxy:
             task.cancel()
         await asyncio.gather(*self._accepting, return_exceptions=True)
         self._accepting.clear()
+        self.plane.pool.retire_source(self.listeners.cookie)
         for conn in list(self._servers):
             conn.goaway()        # HTTP/2 GOAWAY: peers open no new streams here
 
@@ -335,7 +336,7 @@ class PodProxy:
                 raise ConnectionError("no CA configured: this agent cannot speak HBONE")
             ctx = await asyncio.wait_for(self.plane.tls.context(self.identity, server_side=False),
                                          self.plane.connect_timeout)
-            key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT))
+            key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT), self.listeners.cookie)
             headers = hbone.connect_request_headers(target, source, self.workload)
             stream, response = await asyncio.wait_for(
                 self.plane.pool.stream(key, ctx, self._dial_peer, headers),
@@ -451,7 +452,7 @@ class PodProxy:
         limits.in_flight += 1
         self._hbone_handshaking += 1
         try:
-            _transport, proto = await loop.connect_accepted_socket(
+            transport, _proto = await loop.connect_accepted_socket(
                 lambda: H2Connection(client_side=False, on_request=self._hbone_stream_for(peer), name=name,
                                      verify=verify),
                 sock=conn, ssl=ctx, ssl_handshake_timeout=self.plane.connect_timeout)
@@ -463,6 +464,9 @@ class PodProxy:
         finally:
             limits.in_flight -= 1
             self._hbone_handshaking -= 1
+        # The transport's protocol, not the returned one: uvloop returns its
+        # SSLProtocol there for accepted sockets (asyncio returns ours).
+        proto = transport.get_protocol()
         if proto.closed:
             self.counters.hbone.failed += 1
             return

@@ -58,9 +58,19 @@ async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
 
 @dataclass(frozen=True)
 class PoolKey:
+    """Which pooled connections a stream may use.
+
+    ``source_netns`` (the cookie of the network namespace the connection is
+    dialled from) is part of it because a pooled connection carries its
+    source pod's address: two replicas with one identity on one node must
+    not share connections, or the server would see one pod's traffic coming
+    from the other, and a pod whose capture moved must not reuse
+    connections from its old namespace.
+    """
     source_identity: str
     destination_identity: str
     address: tuple[str, int]
+    source_netns: int = 0
 
 
 Dialer = Callable[[tuple[str, int]], Awaitable[socket.socket]]
@@ -161,6 +171,17 @@ class HbonePool:
                 entries.remove(pooled)
             if not entries:
                 self._conns.pop(key, None)
+
+    def retire_source(self, netns: int) -> None:
+        """A pod's capture ended: its pooled connections take no new streams
+        (GOAWAY) and close once their open streams have finished."""
+        for key, entries in list(self._conns.items()):
+            if key.source_netns == netns:
+                for pooled in list(entries):
+                    pooled.conn.goaway()
+                    entries.remove(pooled)
+                if not entries:
+                    self._conns.pop(key, None)
 
     async def close(self, graceful: bool = True) -> None:
         for entries in list(self._conns.values()):

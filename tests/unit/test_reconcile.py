@@ -1,6 +1,8 @@
 """Reconciling captured pods with the enrolment rule."""
 
-from agent.enrol.reconcile import desired, plan
+import pytest
+
+from agent.enrol.reconcile import AddAction, add_action, desired, plan
 from agent.enrol.records import PodRecord
 from agent.state.model import ClusterState
 
@@ -42,3 +44,22 @@ def test_a_different_pod_with_the_same_name_is_not_this_one():
     assert desired(s, "app", "a", "u-old") is None
     assert plan([record("a", False, uid="u-old")], s) == []
     assert desired(s, "app", "a", "u-new").enrolled
+
+
+# A CNI ADD compares namespaces by identity (device, inode), never by path (issue 11).
+NS_A, NS_B = (4, 4026532001), (4, 4026532002)
+
+
+@pytest.mark.parametrize("captured_in, requested, enrol, action", [
+    (None, NS_A, True, AddAction.CAPTURE),
+    (None, NS_A, False, AddAction.RECORD),
+    # /run/netns/x and /var/run/netns/x, or the same sandbox with a new uid:
+    # the listeners stay (a second set in the same namespace would collide).
+    (NS_A, NS_A, True, AddAction.KEEP),
+    # A new sandbox: the new capture is made before the old one goes.
+    (NS_A, NS_B, True, AddAction.MOVE),
+    (NS_A, NS_A, False, AddAction.RELEASE),
+    (NS_A, NS_B, False, AddAction.RELEASE),
+])
+def test_a_repeated_cni_add_keeps_or_moves_the_capture_by_namespace_identity(captured_in, requested, enrol, action):
+    assert add_action(captured_in, requested, enrol) is action
