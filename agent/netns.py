@@ -1,12 +1,19 @@
 """Entering network namespaces: the one mechanism the agent uses.
 
 A socket belongs to the network namespace it was created in, for its whole
-life. So the agent never moves itself into a pod: a dedicated worker thread
-switches into the pod's namespace, creates the socket, and switches back;
-the socket is then used from the event loop like any other.
+life. So the agent never moves itself into a pod: a thread switches into the
+pod's namespace, creates the socket, and switches back; the socket is then
+used from the event loop like any other.
 
-``setns(2)`` changes only the calling thread, which is why the switching
-happens on one private thread and never on the event loop's thread.
+``setns(2)`` changes only the calling thread. Work that may take time
+(opening listeners, reading ``/proc``) runs on one private thread
+(``run``). Creating one socket for a connection the data path makes
+(``socket_here``) happens on the calling (event-loop) thread itself: two
+setns calls and a socket() take microseconds with nothing in between that
+could run other code of that thread, while a hop to the private thread cost
+a GIL hand-over (up to the 5 ms switch interval on a busy loop) per new
+connection (bench/notes.md). Either thread that cannot switch back exits the
+process rather than create a later socket in the wrong pod.
 Python 3.11 has no ``os.setns``, hence ctypes.
 
 Every network namespace the agent is told about (a CNI ADD's ``netns``, a
@@ -92,9 +99,21 @@ class NetnsSwitcher:
             except OSError:  # pragma: no cover - kernel refused the way home
                 os._exit(70)
 
+    def socket_here(self, netns_fd: int, family: int = socket.AF_INET,
+                    type: int = socket.SOCK_STREAM) -> socket.socket:
+        """A new socket in the given namespace, made on the calling thread (see the module doc)."""
+        setns(netns_fd)
+        try:
+            return socket.socket(family, type)
+        finally:
+            try:
+                setns(self._home)
+            except OSError:  # pragma: no cover - kernel refused the way home
+                os._exit(70)
+
     def socket(self, netns_fd: int, family: int = socket.AF_INET,
                type: int = socket.SOCK_STREAM) -> socket.socket:
-        """A new socket that lives in the given namespace."""
+        """A new socket that lives in the given namespace (made on the private thread)."""
         return self.run(netns_fd, lambda: socket.socket(family, type))
 
     def close(self) -> None:

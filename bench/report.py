@@ -127,14 +127,19 @@ def markdown(results: Mapping) -> str:
         out.append("")
     prof = results.get("profile")
     if prof:
-        out += ["## Profile of the data path (max-rate request/response, mesh)", ""]
+        out += ["## Profile of the data path (mesh)", ""]
         for note in prof.get("notes", []):
             out.append(f"* {note}")
-        for node, p in prof.get("nodes", {}).items():
-            out += ["", f"### {node} agent ({p.get('samples', 0)} samples, file `{p.get('file', '')}`)", "",
-                    "| self % | total % | function |", "|---|---|---|"]
-            for f in p.get("top", []):
-                out.append(f"| {f['self_pct']:.1f} | {f['total_pct']:.1f} | `{f['function']}` |")
+        # Older results hold one workload (max-rate request/response) under "nodes".
+        workloads = prof.get("workloads") or {"rr": {"title": "max-rate request/response",
+                                                     "nodes": prof.get("nodes", {})}}
+        for wl in workloads.values():
+            for node, p in wl.get("nodes", {}).items():
+                out += ["", f"### {wl['title']}: {node} agent ({p.get('samples', 0)} samples, "
+                            f"file `{p.get('file', '')}`)", "",
+                        "| self % | total % | function |", "|---|---|---|"]
+                for f in p.get("top", []):
+                    out.append(f"| {f['self_pct']:.1f} | {f['total_pct']:.1f} | `{f['function']}` |")
         out.append("")
     for section in ("optimisation", "closing_note"):
         text = results.get(section)
@@ -143,7 +148,12 @@ def markdown(results: Mapping) -> str:
     return "\n".join(out)
 
 
-def collapsed_top(lines: Iterable[str], limit: int = 15, thread_marker: str = "run_forever") -> dict:
+# Frames that only the event-loop thread has on its stack: the stock loop's
+# run_forever, or (uvloop, whose loop is C) the agent's entry into it.
+LOOP_MARKERS = ("run_forever", "eventloop.py")
+
+
+def collapsed_top(lines: Iterable[str], limit: int = 15, thread_marker: tuple[str, ...] = LOOP_MARKERS) -> dict:
     """Top functions by self and total samples from py-spy's raw (collapsed) output.
 
     Each line: ``frame;frame;...;leaf COUNT`` (root first). Only stacks that
@@ -151,6 +161,8 @@ def collapsed_top(lines: Iterable[str], limit: int = 15, thread_marker: str = "r
     thread; idle thread-pool workers would otherwise dominate the samples
     (py-spy cannot always tell a thread blocked on a lock from a running one).
     """
+    if isinstance(thread_marker, str):
+        thread_marker = (thread_marker,) if thread_marker else ()
     self_counts: dict[str, int] = {}
     total_counts: dict[str, int] = {}
     samples = 0
@@ -164,7 +176,7 @@ def collapsed_top(lines: Iterable[str], limit: int = 15, thread_marker: str = "r
         except ValueError:
             continue
         frames = [f for f in stack.split(";") if f]
-        if not frames or (thread_marker and not any(thread_marker in f for f in frames)):
+        if not frames or (thread_marker and not any(m in f for f in frames for m in thread_marker)):
             continue
         samples += n
         self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n

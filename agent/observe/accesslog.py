@@ -35,7 +35,11 @@ FIELDS: tuple[str, ...] = (
 
 def _as_dict(record: Any) -> Mapping[str, Any]:
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return dataclasses.asdict(record)
+        # Read only, and a ConnectionRecord's fields are flat values: its
+        # __dict__ serves, without asdict()'s recursive copy (a visible cost
+        # per connection in the new-connection profile, bench/notes.md).
+        fields = getattr(record, "__dict__", None)
+        return fields if fields is not None else dataclasses.asdict(record)
     return record
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from agent.observe.metrics import TcpMetrics, flags_for_outcome, labels_for, with_flags
+from agent.observe.problems import ProblemLog, problem_key
 from agent.capture.datapath import AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, CaptureDatapath
 from agent.capture.inpod import PodListeners
 from agent.netns import NetnsSwitcher
@@ -79,6 +80,9 @@ class DataPlane:
     metrics: TcpMetrics | None = None              # Istio's istio_tcp_* series
     access: Callable[[object], None] | None = None  # access log sink, one line per connection
     handshakes: "HandshakeLimits" = field(default_factory=lambda: HandshakeLimits())
+    # Refused and failed connections: every one in the access log, each
+    # distinct problem once a minute in this log (issue 11, item 7).
+    problems: ProblemLog = field(default_factory=lambda: ProblemLog(log))
 
 
 @dataclass
@@ -162,7 +166,8 @@ class PodProxy:
             except OSError as exc:
                 if listener.fileno() < 0:
                     return
-                log.warning("pod %s: accept failed: %s", self.pod, exc)
+                self.plane.problems.report(logging.WARNING, ("accept", self.pod, str(exc.errno)),
+                                           "pod %s: accept failed: %s", self.pod, exc)
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
@@ -185,8 +190,9 @@ class PodProxy:
         except asyncio.CancelledError:
             abort(conn)
             raise
-        except Exception:   # one bad connection never affects the others
-            log.exception("pod %s: connection from %s failed", self.pod, peer)
+        except Exception as exc:   # one bad connection never affects the others
+            self.plane.problems.report(logging.ERROR, ("bug", self.pod, type(exc).__name__),
+                                       "pod %s: connection from %s failed", self.pod, peer, exc_info=True)
             abort(conn)
 
     # -- metrics -----------------------------------------------------------
@@ -248,7 +254,7 @@ class PodProxy:
         """
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-        sock = await loop.run_in_executor(None, self.switcher.socket, self.listeners.netns_fd, family)
+        sock = self.switcher.socket_here(self.listeners.netns_fd, family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
             if app:
@@ -291,10 +297,15 @@ class PodProxy:
                 meter.close(sent_total=sent, received_total=received)
             else:
                 meter.fail(flags)
-        level = logging.INFO if outcome.startswith(("refused", "failed")) else logging.DEBUG
-        log.log(level, "pod %s: %s %s %s -> %s (%s -> %s): %s", self.pod, direction, protocol,
-                hbone.format_authority(*src[:2]), hbone.format_authority(*dst[:2]),
-                src_id or "-", dst_id or "-", outcome)
+        args = (self.pod, direction, protocol, record.source, record.destination, src_id or "-",
+                dst_id or "-", outcome)
+        if outcome.startswith(("refused", "failed")):
+            # Every connection is in the access log; this log says each
+            # distinct problem once a minute, whatever the connection rate.
+            self.plane.problems.report(logging.INFO, problem_key(self.pod, direction, outcome),
+                                       "pod %s: %s %s %s -> %s (%s -> %s): %s", *args)
+        else:
+            log.debug("pod %s: %s %s %s -> %s (%s -> %s): %s", *args)
 
     # -- outbound ----------------------------------------------------------
 
@@ -418,6 +429,7 @@ class PodProxy:
     # -- inbound HBONE -----------------------------------------------------
 
     async def _hbone(self, conn: socket.socket, peer) -> None:
+        started = time.monotonic()
         self.counters.hbone.connections += 1
         loop = asyncio.get_running_loop()
         if self.plane.tls is None:
@@ -435,9 +447,14 @@ class PodProxy:
             abort(conn)
             return
         trust_domain = self.plane.trust_domain
+        refusal: list[str] = []
 
         def verify(transport) -> str:
-            return check_client_identity(transport.get_extra_info("ssl_object"), trust_domain)
+            try:
+                return check_client_identity(transport.get_extra_info("ssl_object"), trust_domain)
+            except Exception as exc:      # H2Connection refuses the peer; the record says why
+                refusal.append(str(exc) or type(exc).__name__)
+                raise
 
         name = f"pod {self.pod} hbone from {peer[0]}:{peer[1]}"
         set_nodelay(conn)        # asyncio leaves Nagle on for proto-0 sockets (appsock.set_nodelay)
@@ -458,17 +475,25 @@ class PodProxy:
                 sock=conn, ssl=ctx, ssl_handshake_timeout=self.plane.connect_timeout)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             self.counters.hbone.failed += 1
-            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
+            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), started,
                          f"refused: TLS handshake failed: {exc or 'timed out'}")
             return
         finally:
             limits.in_flight -= 1
             self._hbone_handshaking -= 1
         # The transport's protocol, not the returned one: uvloop returns its
-        # SSLProtocol there for accepted sockets (asyncio returns ours).
+        # SSLProtocol there for accepted sockets (asyncio returns ours, and its
+        # transport forgets ours once the connection is lost: a refused peer).
         proto = transport.get_protocol()
-        if proto.closed:
+        if not isinstance(proto, H2Connection):
+            proto = _proto
+        if not isinstance(proto, H2Connection) or proto.closed:
+            # Refused by verify (a certificate without exactly one SPIFFE
+            # identity of our trust domain) or gone at once: one record either way.
             self.counters.hbone.failed += 1
+            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), started,
+                         f"refused: peer identity: {refusal[0]}" if refusal
+                         else "failed: connection closed right after the TLS handshake")
             return
         self._servers.add(proto)
         try:

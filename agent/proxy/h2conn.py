@@ -29,7 +29,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
-from hyperframe.frame import GoAwayFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 
 from agent.proxy import limits
 from agent.proxy.hbone import CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW
@@ -63,6 +63,25 @@ class _HboneH2(h2.connection.H2Connection):
     """
 
     refused_streams = 0
+
+    def _receive_frame(self, frame):
+        """DATA frames skip h2's trace line, whose argument is computed eagerly.
+
+        h2 calls ``logger.trace("Received frame: %s", repr(frame))`` for every
+        frame even when nothing logs, and hyperframe's DATA ``repr`` hex-encodes
+        the whole payload before cutting it to 20 characters: 2 MB of hex for a
+        1 MiB frame, 37 % of the receiving agent's time in the bulk profile
+        (bench/notes.md). For DATA, h2's own ``_receive_frame`` reduces to the
+        two calls below: ``_receive_data_frame`` handles a closed stream itself
+        and raises nothing that ``_receive_frame`` would catch (h2 4.x; the
+        unit tests of tests/unit/test_h2_tunnel.py and test_pipe.py cover DATA
+        on open, ended and reset streams). Every other frame goes the usual way.
+        """
+        if frame.__class__ is DataFrame:
+            frames, events = self._receive_data_frame(frame)
+            self._prepare_for_sending(frames)
+            return events
+        return super()._receive_frame(frame)
 
     def _receive_goaway_frame(self, frame):
         if frame.error_code != 0:

@@ -75,7 +75,7 @@ def test_results_name_the_machine_and_every_target(short_run):
     for field in ("date", "git_commit", "kernel", "python", "bcc", "machine"):
         assert meta.get(field), field
     names = [t["name"] for t in results["targets"]]
-    assert len(names) == 6
+    assert len(names) == 13 and len(set(names)) == 13
     assert all(t["measured"] is not None for t in results["targets"]), results["targets"]
     assert "## Targets (measured / target)" in md and "| kernel |" in md
     iptables = results["scenarios"]["5_capture_cost"]["raw"]["iptables_connections_through_agent"]

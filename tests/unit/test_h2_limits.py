@@ -108,7 +108,6 @@ def test_a_stream_over_the_limit_is_refused_alone_and_the_connection_lives(tmp_p
         server, port, _conns, _ = await serve(sctx, handler)
         peer = await RawPeer.open(port, cctx)
         # The peer ignores our MAX_CONCURRENT_STREAMS (100) and opens 101.
-        peer.h2.local_settings  # noqa: B018
         peer.h2.remote_settings.max_concurrent_streams = 1000
         ids = []
         for _ in range(101):
@@ -290,3 +289,59 @@ def test_budget_refills_at_its_rate():
     assert [b.spend(0.0) for _ in range(4)] == [True, True, True, False]
     assert b.spend(0.5) and not b.spend(0.5)      # 0.5 s at 2/s: one token back
     assert b.spend(10.0, cost=3) and not b.spend(10.0)   # never more than the burst
+
+
+def test_data_on_a_stream_we_reset_keeps_the_connection_and_its_window(tmp_path):
+    """DATA that was in flight when we reset a stream: h2 answers it, the
+    connection window comes back, and the connection keeps serving."""
+    sctx, cctx, _, _ = contexts(tmp_path)
+
+    async def main():
+        async def handler(stream):
+            if stream.id == 1:
+                stream.reset()                    # refuse the first one at once
+                return
+            stream.respond(200)
+            got = 0
+            while got < 200_000:
+                chunk = await stream.read()
+                if not chunk:
+                    break
+                got += len(chunk)
+            stream.end()
+
+        server, port, conns, _ = await serve(sctx, handler)
+        peer = await RawPeer.open(port, cctx)
+        first = peer.h2.get_next_available_stream_id()
+        peer.h2.send_headers(first, connect_headers())
+        peer.flush()
+        assert await peer.pump(lambda ev: any(isinstance(e, h2.events.StreamReset) for e in ev))
+        # The peer had more to say on it, before it saw the reset: 60 KB.
+        from hyperframe.frame import DataFrame
+        frame = DataFrame(first)
+        frame.data = b"z" * 16384
+        for _ in range(4):
+            peer.writer.write(frame.serialize())
+        # A second stream must still get its 200 KB through (needs the connection window).
+        second = peer.h2.get_next_available_stream_id()
+        peer.h2.send_headers(second, connect_headers())
+        peer.flush()
+        assert await peer.pump(lambda ev: any(isinstance(e, h2.events.ResponseReceived) and e.stream_id == second
+                                              for e in ev))
+        sent = 0
+        while sent < 200_000:
+            window = min(peer.h2.local_flow_control_window(second), 16384)
+            if window <= 0:
+                assert await peer.pump(lambda ev: peer.h2.local_flow_control_window(second) > 0)
+                continue
+            peer.h2.send_data(second, b"w" * window)
+            sent += window
+            peer.flush()
+        peer.h2.end_stream(second)
+        peer.flush()
+        assert await peer.pump(lambda ev: any(isinstance(e, h2.events.StreamEnded) and e.stream_id == second
+                                              for e in ev))
+        assert not peer.of(h2.events.ConnectionTerminated) and not conns[0].closed
+        peer.close()
+        server.close()
+    asyncio.run(main())

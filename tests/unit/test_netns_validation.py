@@ -155,3 +155,44 @@ def test_discovery_skips_what_is_not_a_pods_namespace_without_blocking(tmp_path)
     finally:
         switcher.close()
     assert views == [[]]
+
+
+def _new_netns() -> int:
+    """A fresh network namespace, held by an fd (made on a throwaway thread)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {}
+
+    def make():
+        if libc.unshare(CLONE_NEWNET) != 0:
+            out["err"] = ctypes.get_errno()
+            return
+        out["fd"] = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if "err" in out:
+        pytest.fail(f"unshare(CLONE_NEWNET): {os.strerror(out['err'])}")
+    return out["fd"]
+
+
+def test_socket_here_makes_the_socket_in_the_pod_and_leaves_the_thread_at_home():
+    from agent.netns import netns_cookie
+    import socket
+    fd = _new_netns()
+    switcher = NetnsSwitcher()
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+    try:
+        made_here = switcher.socket_here(fd, socket.AF_INET)
+        made_there = switcher.socket(fd, socket.AF_INET)     # the private thread's way
+        at_home = socket.socket()
+        try:
+            assert netns_cookie(made_here) == netns_cookie(made_there)
+            assert netns_cookie(made_here) != netns_cookie(at_home)
+            assert os.stat("/proc/thread-self/ns/net").st_ino == home
+        finally:
+            for s in (made_here, made_there, at_home):
+                s.close()
+    finally:
+        switcher.close()
+        os.close(fd)
