@@ -127,9 +127,15 @@ class TimedLab(Lab):
 
 
 def proc_cpu_seconds(pid: int) -> float:
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds: the system share is the kernel's work in the
+    agent's syscalls (on veth a send() runs the receiver's network stack too)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK      # utime + stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK      # utime, stime
 
 
 def proc_rss_mb(pid: int) -> float:
@@ -162,6 +168,7 @@ class AgentMeter:
 
     def __enter__(self) -> "AgentMeter":
         self._cpu0 = {n: proc_cpu_seconds(p) for n, p in self.pids.items()}
+        self._sys0 = {n: proc_cpu_split(p)[1] for n, p in self.pids.items()}
         self.rss_before = {n: proc_rss_mb(p) for n, p in self.pids.items()}
         self.rss_peak = dict(self.rss_before)
         self._t0 = time.perf_counter()
@@ -174,6 +181,7 @@ class AgentMeter:
         self._thread.join()
         self.seconds = time.perf_counter() - self._t0
         self.cpu = {n: proc_cpu_seconds(p) - self._cpu0[n] for n, p in self.pids.items()}
+        self.sys = {n: proc_cpu_split(p)[1] - self._sys0[n] for n, p in self.pids.items()}
         for n, p in self.pids.items():
             self.rss_peak[n] = max(self.rss_peak.get(n, 0.0), proc_rss_mb(p))
 

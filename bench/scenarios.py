@@ -136,6 +136,8 @@ def _rr_metered(bl: BenchLab, cfg: Config, variant: str, rate: float, conns: int
     res["agents_cpu_s_per_1000_req"] = cpu_all / (total_req / 1000) if total_req else None
     res["agents_vcpu"] = cpu_all / m.seconds
     res["agent_vcpu_max"] = max(m.cpu.values()) / m.seconds
+    busiest = max(m.cpu, key=m.cpu.get)
+    res["agent_sys_share_max"] = (m.sys[busiest] / m.cpu[busiest]) if m.cpu[busiest] else None
     res["agent_rss_growth_mb_max"] = max(m.rss_peak[n] - m.rss_before[n] for n in m.cpu)
     res["agent_rss_peak_mb_max"] = max(m.rss_peak.values())
     return res
@@ -159,6 +161,8 @@ def request_response(bl: BenchLab, cfg: Config) -> tuple[dict, dict]:
     cost_rows = [
         row("both agents' CPU at 1000 req/s", "vCPU", pick(fixed, "agents_vcpu")),
         row("busiest agent's CPU at 1000 req/s", "vCPU", pick(fixed, "agent_vcpu_max")),
+        row("busiest agent's CPU at 1000 req/s: kernel (system) share", "fraction",
+            {"mesh": pick(fixed, "agent_sys_share_max")["mesh"]}, ratios=()),
         row("agents' CPU per 1000 requests (1000 req/s)", "CPU s", pick(fixed, "agents_cpu_s_per_1000_req")),
         row("agents' CPU per 1000 requests (max rate)", "CPU s", pick(maxr, "agents_cpu_s_per_1000_req")),
         row("busiest agent's CPU at max rate", "vCPU", pick(maxr, "agent_vcpu_max")),

@@ -100,6 +100,9 @@ class TcpEnd(asyncio.BufferedProtocol):
     (``"sent"`` for the pod's application, ``"received"`` for its peer).
     """
 
+    __slots__ = ("pipe", "attr", "peer", "transport", "read_eof", "wrote_eof", "finished",
+                 "_resetting", "_pausers", "_early")
+
     def __init__(self, pipe: Pipe, attr: str) -> None:
         self.pipe = pipe
         self.attr = attr
@@ -109,7 +112,7 @@ class TcpEnd(asyncio.BufferedProtocol):
         self.wrote_eof = False       # we sent FIN (half-close)
         self.finished = False
         self._resetting = False
-        self._pausers: set[str] = set()
+        self._pausers: set[str] | None = None
         self._early: list[bytes] | None = []   # read before the other end was attached
 
     def attach(self, peer: End) -> None:
@@ -198,10 +201,12 @@ class TcpEnd(asyncio.BufferedProtocol):
                 self.transport.pause_reading()
             except (RuntimeError, AttributeError):
                 pass
+        if self._pausers is None:
+            self._pausers = set()
         self._pausers.add(reason)
 
     def resume_reading(self, reason: str) -> None:
-        if reason not in self._pausers:
+        if not self._pausers or reason not in self._pausers:
             return
         self._pausers.discard(reason)
         if not self._pausers and not self.finished and not self.read_eof:

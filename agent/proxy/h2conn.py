@@ -143,17 +143,25 @@ class H2Stream:
     Not attached, ``read()``/``write()`` are coroutines (tests, simple uses).
     """
 
-    def __init__(self, conn: "H2Connection", stream_id: int) -> None:
+    # An idle tunnelled connection holds one of these per agent: slots, and
+    # the futures, events and queues only some uses need are made on demand.
+    __slots__ = ("conn", "id", "request_headers", "response", "task", "responded", "_chunks",
+                 "_readable", "_window", "remote_ended", "local_ended", "reset_code", "closed",
+                 "peer", "pipe", "attr", "_pending", "_eof_pending", "_pausers", "_held", "_finished")
+
+    def __init__(self, conn: "H2Connection", stream_id: int, client: bool = False) -> None:
         self.conn = conn
         self.id = stream_id
         self.request_headers: list[tuple[str, str]] = []
-        self.response: asyncio.Future = conn._loop.create_future()
-        self.response.add_done_callback(_retrieved)
+        self.response: asyncio.Future | None = None    # client side: the response headers
+        if client:
+            self.response = conn._loop.create_future()
+            self.response.add_done_callback(_retrieved)
         self.task: asyncio.Task | None = None      # server side: the request's handler
         self.responded = False
         self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
-        self._readable = asyncio.Event()
-        self._window = asyncio.Event()
+        self._readable: asyncio.Event | None = None    # read()/write() only
+        self._window: asyncio.Event | None = None
         self.remote_ended = False
         self.local_ended = False
         self.reset_code: int | None = None
@@ -165,9 +173,16 @@ class H2Stream:
         self.attr = ""
         self._pending: collections.deque[memoryview] = collections.deque()
         self._eof_pending = False
-        self._pausers: set[str] = set()
+        self._pausers: frozenset[str] | set[str] = _NO_PAUSERS
         self._held = 0               # received bytes not yet acknowledged (paused)
         self._finished = False
+
+    def _wake(self) -> None:
+        """Wake a read()/write() coroutine, if one ever waited."""
+        if self._readable is not None:
+            self._readable.set()
+        if self._window is not None:
+            self._window.set()
 
     # -- pipe mode -------------------------------------------------------------
 
@@ -222,7 +237,8 @@ class H2Stream:
 
     def _window_opened(self) -> None:
         if self.peer is None:
-            self._window.set()
+            if self._window is not None:
+                self._window.set()
             return
         pending = self._pending
         while pending and self.reset_code is None and not self.conn.closed:
@@ -248,6 +264,8 @@ class H2Stream:
         self.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
 
     def pause_reading(self, reason: str) -> None:
+        if self._pausers is _NO_PAUSERS:
+            self._pausers = set()
         self._pausers.add(reason)
 
     def resume_reading(self, reason: str) -> None:
@@ -276,7 +294,8 @@ class H2Stream:
         peer = self.peer
         if peer is None:
             self._chunks.append((data, flow_len))
-            self._readable.set()
+            if self._readable is not None:
+                self._readable.set()
             return
         self.pipe.count(self.attr, len(data))
         peer.send(data)
@@ -291,13 +310,12 @@ class H2Stream:
             self.peer.send_eof()
             self._maybe_finish()
         else:
-            self._readable.set()
+            self._wake()
 
     def _reset(self, code: int) -> None:
         self.reset_code = code
-        self._readable.set()
-        self._window.set()
-        if not self.response.done():
+        self._wake()
+        if self.response is not None and not self.response.done():
             self.response.set_exception(StreamReset(f"stream {self.id} reset by peer (code {code})"))
         if self.peer is not None:
             self._finish(reset=True)
@@ -314,6 +332,8 @@ class H2Stream:
                 raise StreamReset(f"stream {self.id} reset (code {self.reset_code})")
             if self.remote_ended:
                 return b""
+            if self._readable is None:
+                self._readable = asyncio.Event()
             self._readable.clear()
             await self._readable.wait()
 
@@ -329,6 +349,8 @@ class H2Stream:
                 raise StreamReset(f"stream {self.id} is reset")
             size = self.conn.sendable(self.id)
             if size <= 0:
+                if self._window is None:
+                    self._window = asyncio.Event()
                 self._window.clear()
                 await self._window.wait()
                 continue
@@ -362,8 +384,7 @@ class H2Stream:
             self.conn.schedule_flush()
         except h2.exceptions.H2Error:
             pass
-        self._readable.set()
-        self._window.set()
+        self._wake()
         self._pending.clear()
         self._finish(reset=True)
         self.conn._forget(self)
@@ -376,6 +397,8 @@ class H2Stream:
             self.local_ended = True
         self.conn.flush()
 
+
+_NO_PAUSERS: frozenset[str] = frozenset()
 
 RequestHandler = Callable[[H2Stream], Awaitable[None]]
 
@@ -525,7 +548,7 @@ class H2Connection(asyncio.Protocol):
             task.add_done_callback(self._tasks.discard)
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
-            if stream and not stream.response.done():
+            if stream and stream.response is not None and not stream.response.done():
                 stream.response.set_result(list(event.headers))
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
@@ -727,7 +750,7 @@ class H2Connection(asyncio.Protocol):
     async def open_stream(self, headers: list[tuple[str, str]]) -> tuple[H2Stream, list]:
         """Send a request; returns the stream and the response headers."""
         stream_id = self.h2.get_next_available_stream_id()
-        stream = H2Stream(self, stream_id)
+        stream = H2Stream(self, stream_id, client=True)
         self.streams[stream_id] = stream
         self.h2.send_headers(stream_id, headers, end_stream=False)
         self.flush()
