@@ -42,6 +42,12 @@ import struct
 from typing import Protocol
 
 SCRATCH_SIZE = 256 * 1024
+# Write buffer limits of an application-side transport. The event loops'
+# default (64 KiB) is below one read (256 KiB): every bulk read paused and
+# resumed the other end's reading, two epoll_ctl calls per chunk. Queued
+# bytes per direction stay bounded by WRITE_HIGH plus one read.
+WRITE_HIGH = 1024 * 1024
+WRITE_LOW = 256 * 1024
 
 # One per process: the agent runs one event loop, and the scratch buffer is
 # only used between a recv_into and the copy that immediately follows it.
@@ -131,6 +137,7 @@ class TcpEnd(asyncio.BufferedProtocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
 
     def get_buffer(self, sizehint: int):
         return _scratch_view

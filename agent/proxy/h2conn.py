@@ -37,6 +37,8 @@ from agent.proxy.hbone import CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 65535
+TLS_WRITE_HIGH = 2 * 1024 * 1024
+TLS_WRITE_LOW = 512 * 1024
 
 
 def _retrieved(fut: asyncio.Future) -> None:
@@ -219,19 +221,27 @@ class H2Stream:
     def _push(self, view: memoryview, whole: bytes | None = None) -> memoryview:
         """Send as much of ``view`` as the windows allow; returns the rest."""
         conn = self.conn
-        while view:
-            size = conn.sendable(self.id)
-            if size <= 0:
-                break
-            if size >= len(view):
-                # Whole bytes objects go as they are (no copy); a slice is
-                # copied because h2 keeps what it is given until serialised.
-                conn.h2.send_data(self.id, whole if whole is not None else view.tobytes())
-                view = view[len(view):]
-            else:
-                conn.h2.send_data(self.id, view[:size].tobytes())
-                view = view[size:]
-            whole = None
+        try:
+            while view:
+                size = conn.sendable(self.id)
+                if size <= 0:
+                    break
+                if size >= len(view):
+                    # Whole bytes objects go as they are (no copy); a slice is
+                    # copied because h2 keeps what it is given until serialised.
+                    conn.h2.send_data(self.id, whole if whole is not None else view.tobytes())
+                    view = view[len(view):]
+                else:
+                    conn.h2.send_data(self.id, view[:size].tobytes())
+                    view = view[size:]
+                whole = None
+        except h2.exceptions.StreamClosedError:
+            # h2 handles a whole read before we see its events: the peer's
+            # RST_STREAM may already have closed the stream while a WINDOW_UPDATE
+            # of the same read is being handled. Its StreamReset event follows
+            # and resets the other end; what was pending is dropped with it.
+            self._pending.clear()
+            view = view[len(view):]
         conn.schedule_flush()
         return view
 
@@ -456,6 +466,9 @@ class H2Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Room for a few DATA frames of several streams before every stream's
+        # other end is paused (the default 64 KiB is a quarter of one read).
+        transport.set_write_buffer_limits(high=TLS_WRITE_HIGH, low=TLS_WRITE_LOW)
         if self.verify is not None:
             # Checked before a single HTTP/2 byte is sent or read: a peer
             # without an acceptable identity never gets a stream served.

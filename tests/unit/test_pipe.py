@@ -34,6 +34,9 @@ class FakeTransport(asyncio.Transport):
     def is_closing(self):
         return False
 
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
     def get_extra_info(self, name, default=None):
         return default
 
