@@ -256,8 +256,9 @@ class H2Stream:
             if rest:
                 pending[0] = rest
                 return                 # still waiting for the window; the peer stays paused
-            pending.popleft()
-        if pending:
+            if pending:                # (_push empties it when h2 already closed the stream)
+                pending.popleft()
+        if pending or self.reset_code is not None:
             return
         self.peer.resume_reading("h2-window")
         if self._eof_pending:
@@ -504,7 +505,19 @@ class H2Connection(asyncio.Protocol):
                 self.transport.close()
             return
         for event in events:
-            self._dispatch(event)
+            try:
+                self._dispatch(event)
+            except Exception as exc:
+                # A failure while handling one stream's event costs that stream,
+                # never the connection and the other streams on it.
+                sid = getattr(event, "stream_id", 0) or 0
+                log.error("%s: handling %s failed: %s: %s", self.name, type(event).__name__,
+                          type(exc).__name__, exc)
+                stream = self.streams.get(sid)
+                if stream is None:
+                    raise
+                stream._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
             if self.closed:
                 return
         if self.h2.refused_streams != self._refused_seen:

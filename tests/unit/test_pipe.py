@@ -231,3 +231,33 @@ def test_a_killed_proxy_resets_both_applications_instead_of_ending_their_streams
             proc.kill()
             proc.wait(5)
         upstream.close()
+
+
+def test_a_window_update_for_a_stream_h2_already_closed_drops_its_pending_bytes():
+    """h2 handles a whole read before its events: a WINDOW_UPDATE may be
+    handled for a stream whose RST_STREAM came in the same read. The pending
+    bytes are dropped and the connection lives on (it used to die on an
+    IndexError, taking every other stream with it)."""
+    async def main():
+        conn = H2Connection(client_side=True, name="t")
+        conn.connection_made(FakeTransport())
+        sid = conn.h2.get_next_available_stream_id()
+        conn.h2.send_headers(sid, HEADERS)
+        stream = H2Stream(conn, sid)
+        conn.streams[sid] = stream
+        stream.peer = NullEnd()
+        stream.send(b"a" * (conn.h2.local_flow_control_window(sid) + 10))
+        assert stream._pending
+        import h2.exceptions
+        from hyperframe.frame import WindowUpdateFrame
+        for target in (0, sid):
+            update = WindowUpdateFrame(target)
+            update.window_increment = 1000
+            conn.h2._receive_frame(update)
+
+        def closed(*_a, **_k):                  # h2 closed the stream in the same read
+            raise h2.exceptions.StreamClosedError(sid)
+        conn.h2.send_data = closed
+        stream._window_opened()                 # ... before we hear of the reset
+        assert not stream._pending and not conn.closed
+    asyncio.run(main())
