@@ -76,14 +76,20 @@ class Pipe:
     ``"reset"`` as soon as either end was reset.
     """
 
-    __slots__ = ("done", "counter", "totals", "reset", "_open")
+    __slots__ = ("done", "counter", "totals", "reset", "ends", "_open")
 
     def __init__(self, counter, totals=None) -> None:
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.counter = counter
         self.totals = totals
         self.reset = False
+        self.ends: tuple = ()
         self._open = 2
+
+    def abort(self) -> None:
+        """Reset both ends now (drain deadline, a policy that now denies it)."""
+        for end in self.ends:
+            end.send_reset()
 
     def count(self, attr: str, n: int) -> None:
         setattr(self.counter, attr, getattr(self.counter, attr) + n)

@@ -29,13 +29,13 @@ class ByteCounter:
     received: int = 0
 
 
-async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
-                 totals: ByteCounter | None = None) -> str:
-    """Copy until both directions are done; returns how it ended ("closed" or "reset").
+async def start_splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
+                       totals: ByteCounter | None = None) -> Pipe:
+    """Start copying between two sockets; the returned pipe's ``done`` says how it ended.
 
     ``app`` is the socket facing the pod's application, ``peer`` the other
     side; ``totals`` is an optional aggregate counter updated alongside.
-    Both sockets are closed on return (cancellation resets both).
+    Both sockets are closed when it ends; ``Pipe.abort`` resets both.
     """
     pipe = Pipe(counter, totals)
     try:
@@ -50,9 +50,16 @@ async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
         raise
     app_end.attach(peer_end)
     peer_end.attach(app_end)
+    pipe.ends = (app_end, peer_end)
+    return pipe
+
+
+async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
+                 totals: ByteCounter | None = None) -> str:
+    """``start_splice`` and wait: returns "closed" or "reset" (cancelling resets both)."""
+    pipe = await start_splice(app, peer, counter, totals)
     try:
         return await asyncio.shield(pipe.done)
     except asyncio.CancelledError:
-        app_end.abort()
-        peer_end.abort()
+        pipe.abort()
         raise

@@ -17,26 +17,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from agent.observe.metrics import TcpMetrics, flags_for_outcome, labels_for, with_flags
-from agent.observe.problems import ProblemLog, problem_key
+from agent.observe.metrics import TcpMetrics, labels_for
+from agent.observe.problems import ProblemLog
 from agent.capture.datapath import AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, CaptureDatapath
 from agent.capture.inpod import PodListeners
 from agent.netns import NetnsSwitcher
 from agent.proxy import hbone
 from agent.proxy.appsock import LINGER_RESET, set_nodelay
-from agent.proxy.copy import ByteCounter, abort, splice
-from agent.proxy.counters import ConnectionLog, ConnectionRecord, DirectionCounters, PodCounters
+from agent.proxy.appsock import Pipe
+from agent.proxy.copy import ByteCounter, abort, start_splice
+from agent.proxy.counters import ConnectionLog, DirectionCounters, PodCounters
 from agent.proxy.h2conn import H2Connection, H2Stream
 from agent.proxy.route import resolve
 from agent.proxy.tls import TlsContexts, check_client_identity
-from agent.proxy.tunnel import HbonePool, PoolKey, bridge
+from agent.proxy.result import ConnectionResult
+from agent.proxy.tunnel import HbonePool, PoolKey, start_bridge
 from agent.state.model import ClusterState
 
 log = logging.getLogger(__name__)
@@ -120,14 +120,15 @@ class PodProxy:
         self.switcher = switcher
         self.counters = counters
         self.plane = plane
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()      # connections being set up
         self._accepting: list[asyncio.Task] = []
         self._servers: set[H2Connection] = set()
         self._hbone_waiting = 0        # accepted on 15008, no ClientHello yet
         self._hbone_handshaking = 0
-        # Open inbound connections and what they were authorised as, so that
-        # a policy change can close those the new policy denies.
-        self._authorised: dict[asyncio.Task, InboundRequest] = {}
+        # Open connections (no task of their own: their pipe's end finishes
+        # their result) and, for inbound ones, what they were authorised as,
+        # so that a policy change can close those the new policy denies.
+        self._open: dict[Pipe, InboundRequest | None] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -146,13 +147,19 @@ class PodProxy:
         for conn in list(self._servers):
             conn.goaway()        # HTTP/2 GOAWAY: peers open no new streams here
 
+    def open_connections(self) -> int:
+        return len(self._open) + len(self._tasks)
+
     async def drain(self, deadline: float) -> None:
-        """Let open connections finish until ``deadline`` seconds, then cut them."""
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=deadline)
-            for task in pending:
+        """Let open connections finish until ``deadline`` seconds, then cut them (reset)."""
+        waiting = set(self._tasks) | {pipe.done for pipe in self._open}
+        if waiting:
+            _done, pending = await asyncio.wait(waiting, timeout=deadline)
+            for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            for pipe in list(self._open):
+                pipe.abort()
+            await asyncio.gather(*self._tasks, *(p.done for p in list(self._open)), return_exceptions=True)
         for conn in list(self._servers):
             conn.close()
 
@@ -208,35 +215,27 @@ class PodProxy:
         return labels_for(reporter, source_pod, source_id or None, dest_pod, dest_id or None,
                           service or None, mtls, domain=self.plane.trust_domain)
 
-    def _meter(self, labels: dict | None, counted: ByteCounter, app_is_source: bool):
-        """A live meter: byte counters advance while the connection is open."""
-        if labels is None or self.plane.metrics is None:
-            return None
-        totals = ((lambda: (counted.sent, counted.received)) if app_is_source
-                  else (lambda: (counted.received, counted.sent)))
-        return self.plane.metrics.connection(labels, totals=totals)
-
     # -- policy changes ----------------------------------------------------
 
-    @contextlib.contextmanager
-    def _authorised_as(self, request: InboundRequest):
-        task = asyncio.current_task()
-        self._authorised[task] = request
-        try:
-            yield
-        finally:
-            self._authorised.pop(task, None)
+    def _track(self, result: ConnectionResult, pipe: Pipe, counted: ByteCounter,
+               request: InboundRequest | None = None) -> None:
+        """The connection is open: its pipe's end finishes the result."""
+        self._open[pipe] = request
+        pipe.done.add_done_callback(lambda _f: self._open.pop(pipe, None))
+        result.track(pipe, counted)
 
     def revalidate(self) -> int:
         """Close open inbound connections that the current policy denies; returns how many."""
         closed = 0
-        for task, request in list(self._authorised.items()):
+        for pipe, request in list(self._open.items()):
+            if request is None or pipe.done.done():
+                continue
             decision = self.plane.policy(request)
-            if not decision.allowed and not task.done():
+            if not decision.allowed:
                 log.info("pod %s: closing inbound %s:%d -> %s:%d (%s): policy now denies it: %s",
                          self.pod, request.source_ip, request.source_port, request.destination_ip,
                          request.destination_port, request.source_identity or "plaintext", decision.reason)
-                task.cancel()
+                pipe.abort()
                 closed += 1
         return closed
 
@@ -266,81 +265,41 @@ class PodProxy:
             raise
         return sock
 
-    def _record(self, direction: str, protocol: str, src, dst, started: float, outcome: str,
-                counted: ByteCounter | None = None, src_id: str = "", dst_id: str = "",
-                app_is_source: bool = True, decision: PolicyDecision | None = None,
-                labels: dict | None = None, meter=None) -> None:
-        sent = received = 0
-        if counted is not None:
-            sent, received = ((counted.sent, counted.received) if app_is_source
-                              else (counted.received, counted.sent))
-        record = ConnectionRecord(
-            direction=direction, protocol=protocol, pod=self.pod,
-            source=hbone.format_authority(*src[:2]), destination=hbone.format_authority(*dst[:2]),
-            source_identity=src_id, destination_identity=dst_id, bytes_sent=sent,
-            bytes_received=received, duration_ms=int((time.monotonic() - started) * 1000),
-            outcome=outcome, started=time.time() - (time.monotonic() - started),
-            policy=decision.reason if decision else "", audit=decision.audit if decision else False)
-        self.plane.log.add(record)
-        if self.plane.access is not None:
-            self.plane.access(record)
-        metrics = self.plane.metrics
-        if metrics is not None and labels is not None:
-            flags = flags_for_outcome(outcome, decision.reason if decision else "")
-            if meter is None:
-                flagged = with_flags(labels, flags)
-                metrics.opened(flagged)
-                metrics.closed(flagged)
-                if flags != "-":
-                    metrics.failed(flagged)
-            elif flags == "-":
-                meter.close(sent_total=sent, received_total=received)
-            else:
-                meter.fail(flags)
-        args = (self.pod, direction, protocol, record.source, record.destination, src_id or "-",
-                dst_id or "-", outcome)
-        if outcome.startswith(("refused", "failed")):
-            # Every connection is in the access log; this log says each
-            # distinct problem once a minute, whatever the connection rate.
-            self.plane.problems.report(logging.INFO, problem_key(self.pod, direction, outcome),
-                                       "pod %s: %s %s %s -> %s (%s -> %s): %s", *args)
-        else:
-            log.debug("pod %s: %s %s %s -> %s (%s -> %s): %s", *args)
+    def _result(self, direction: str, protocol: str, counters: DirectionCounters, source,
+                destination=("0.0.0.0", 0), **kw) -> ConnectionResult:
+        return ConnectionResult(self.plane, self.pod, direction, protocol, counters, source,
+                                destination, **kw)
 
     # -- outbound ----------------------------------------------------------
 
     async def _outbound(self, conn: socket.socket, peer) -> None:
-        started = time.monotonic()
-        counters = self.counters.outbound
-        counters.connections += 1
-        dst = self.datapath.original_destination(self.listeners.cookie, peer[0], peer[1])
         # The application's own address: its socket is bound to the pod's IP
         # unless it talked to loopback, which is never captured.
         source = (self.pod_ips[0] if self.pod_ips else peer[0], peer[1])
         own = self._own_pod()
+        result = self._result("outbound", "TCP", self.counters.outbound, source,
+                              labels=self._labels("source", own, self.identity, None, None))
+        dst = self.datapath.original_destination(self.listeners.cookie, peer[0], peer[1])
         if dst is None:
-            counters.failed += 1
-            self._record("outbound", "TCP", source, ("0.0.0.0", 0), started,
-                         "failed: no original destination recorded",
-                         labels=self._labels("source", own, self.identity, None, None))
+            result.fail("no original destination recorded")
             abort(conn)
             return
+        result.destination = (dst.ip, dst.port)
         route = resolve(self.plane.state(), dst.ip, dst.port, self.plane.trust_domain, salt=peer[1])
-        hbone_route = route.kind == "hbone"
-        labels = self._labels("source", own, self.identity, route.pod, route.identity, route.service,
-                              mtls=hbone_route)
+        result.labels = self._labels("source", own, self.identity, route.pod, route.identity, route.service,
+                                     mtls=route.kind == "hbone")
         if route.kind == "no-endpoint":
-            counters.failed += 1
-            self._record("outbound", "TCP", source, (dst.ip, dst.port), started, f"failed: {route.reason}",
-                         labels=labels)
+            result.fail(route.reason)
             abort(conn)
             return
         if route.kind == "passthrough":
-            await self._plain(conn, (route.ip, route.port), counters, "outbound", source, started, labels=labels)
+            await self._plain(conn, (route.ip, route.port), result)
             return
-        await self._outbound_hbone(conn, route, source, (dst.ip, dst.port), counters, started, labels)
+        result.protocol = "HBONE"
+        result.source_identity, result.destination_identity = self.identity, route.identity
+        await self._outbound_hbone(conn, route, source, result)
 
-    async def _outbound_hbone(self, conn, route, source, original, counters, started, labels) -> None:
+    async def _outbound_hbone(self, conn, route, source, result: ConnectionResult) -> None:
         target = hbone.ConnectTarget(route.ip, route.port)
         try:
             if self.plane.tls is None:
@@ -353,97 +312,69 @@ class PodProxy:
                 self.plane.pool.stream(key, ctx, self._dial_peer, headers),
                 self.plane.connect_timeout)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-            counters.failed += 1
-            reason = str(exc) or type(exc).__name__
-            self._record("outbound", "HBONE", source, original, started, f"failed: {reason}",
-                         src_id=self.identity, dst_id=route.identity, labels=labels)
+            result.fail(str(exc) or type(exc).__name__)
             abort(conn)
             return
         status = hbone.response_status(response)
         if status != 200:
-            counters.failed += 1
             stream.reset()
-            self._record("outbound", "HBONE", source, original, started, f"refused: status {status}",
-                         src_id=self.identity, dst_id=route.identity, labels=labels)
+            result.refuse(f"status {status}")
             abort(conn)
             return
-        counters.active += 1
         counted = ByteCounter()
-        meter = self._meter(labels, counted, app_is_source=True)
-        try:
-            outcome = await bridge(conn, stream, counted, counters, sock_is_app=True)
-        finally:
-            counters.active -= 1
-        self._record("outbound", "HBONE", source, original, started, outcome, counted,
-                     src_id=self.identity, dst_id=route.identity, labels=labels, meter=meter)
+        pipe = await start_bridge(conn, stream, counted, self.counters.outbound, sock_is_app=True)
+        self._track(result, pipe, counted)
 
-    async def _plain(self, conn, dst, counters: DirectionCounters, direction: str, source, started,
-                     app_is_client: bool = True, src_id: str = "",
-                     decision: PolicyDecision | None = None, labels: dict | None = None) -> None:
+    async def _plain(self, conn, dst, result: ConnectionResult, app_is_client: bool = True,
+                     request: InboundRequest | None = None) -> None:
         try:
             upstream = await self._connect_from_pod(dst)
         except (OSError, asyncio.TimeoutError) as exc:
-            counters.failed += 1
-            self._record(direction, "TCP", source, dst, started, f"failed: {exc or 'timed out'}",
-                         src_id=src_id, decision=decision, labels=labels)
+            result.fail(str(exc) or "timed out")
             abort(conn)    # the app sees a reset, as from an unreachable peer
             return
-        counters.active += 1
         counted = ByteCounter()
-        meter = self._meter(labels, counted, app_is_source=app_is_client)
-        try:
-            # splice's first socket faces the pod's application.
-            app, other = (conn, upstream) if app_is_client else (upstream, conn)
-            outcome = await splice(app, other, counted, counters)
-        finally:
-            counters.active -= 1
-        self._record(direction, "TCP", source, dst, started, outcome, counted, src_id=src_id,
-                     app_is_source=app_is_client, decision=decision, labels=labels, meter=meter)
+        # splice's first socket faces the pod's application.
+        app, other = (conn, upstream) if app_is_client else (upstream, conn)
+        pipe = await start_splice(app, other, counted, result.counters)
+        self._track(result, pipe, counted, request)
 
     # -- inbound plaintext -------------------------------------------------
 
     async def _inbound(self, conn: socket.socket, peer) -> None:
-        started = time.monotonic()
         local_ip, port = conn.getsockname()[:2]
-        counters = self.counters.inbound
-        counters.connections += 1
         labels = self._labels("destination", self.plane.state().pod_by_ip(peer[0]), None,
                               self._own_pod(), self.identity)
+        result = self._result("inbound", "TCP", self.counters.inbound, peer, (local_ip, port),
+                              labels=labels, app_is_source=False)
         if port in AGENT_PORTS:
-            counters.failed += 1
-            self._record("inbound", "TCP", peer, (local_ip, port), started,
-                         f"refused: port {port} belongs to the mesh agent", labels=labels)
+            result.refuse(f"port {port} belongs to the mesh agent")
             abort(conn)
             return
-        decision = self.plane.policy(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None))
+        request = InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None)
+        decision = result.decision = self.plane.policy(request)
         if not decision.allowed:
-            counters.failed += 1
-            self._record("inbound", "TCP", peer, (local_ip, port), started, f"refused: {decision.reason}",
-                         decision=decision, labels=labels)
+            result.refuse(decision.reason)
             abort(conn)
             return
-        with self._authorised_as(InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None)):
-            await self._plain(conn, (local_ip, port), counters, "inbound", peer, started, app_is_client=False,
-                              decision=decision, labels=labels)
+        await self._plain(conn, (local_ip, port), result, app_is_client=False, request=request)
 
     # -- inbound HBONE -----------------------------------------------------
 
     async def _hbone(self, conn: socket.socket, peer) -> None:
-        started = time.monotonic()
-        self.counters.hbone.connections += 1
         loop = asyncio.get_running_loop()
+        # One result for the TLS connection itself: it records only a refusal
+        # (each stream on an accepted connection gets its own result).
+        result = self._result("hbone", "HBONE", self.counters.hbone, peer, (self.pod_ips[0], HBONE_PORT))
         if self.plane.tls is None:
-            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
-                         "refused: no CA configured")
+            result.refuse("no CA configured")
             abort(conn)
             return
         try:
             ctx = await asyncio.wait_for(self.plane.tls.context(self.identity, server_side=True),
                                          self.plane.connect_timeout)
         except (asyncio.TimeoutError, OSError) as exc:
-            self.counters.hbone.failed += 1
-            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
-                         f"refused: no certificate for {self.identity} yet ({exc or 'timed out'})")
+            result.refuse(f"no certificate for {self.identity} yet ({exc or 'timed out'})")
             abort(conn)
             return
         trust_domain = self.plane.trust_domain
@@ -460,9 +391,7 @@ class PodProxy:
         set_nodelay(conn)        # asyncio leaves Nagle on for proto-0 sockets (appsock.set_nodelay)
         refused = await self._admit_handshake(conn)
         if refused:
-            self.counters.hbone.failed += 1
-            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), time.monotonic(),
-                         f"refused: {refused}")
+            result.refuse(refused)
             abort(conn)
             return
         limits = self.plane.handshakes
@@ -474,9 +403,7 @@ class PodProxy:
                                      verify=verify),
                 sock=conn, ssl=ctx, ssl_handshake_timeout=self.plane.connect_timeout)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-            self.counters.hbone.failed += 1
-            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), started,
-                         f"refused: TLS handshake failed: {exc or 'timed out'}")
+            result.refuse(f"TLS handshake failed: {exc or 'timed out'}")
             return
         finally:
             limits.in_flight -= 1
@@ -490,10 +417,10 @@ class PodProxy:
         if not isinstance(proto, H2Connection) or proto.closed:
             # Refused by verify (a certificate without exactly one SPIFFE
             # identity of our trust domain) or gone at once: one record either way.
-            self.counters.hbone.failed += 1
-            self._record("hbone", "HBONE", peer, (self.pod_ips[0], HBONE_PORT), started,
-                         f"refused: peer identity: {refusal[0]}" if refusal
-                         else "failed: connection closed right after the TLS handshake")
+            if refusal:
+                result.refuse(f"peer identity: {refusal[0]}")
+            else:
+                result.fail("connection closed right after the TLS handshake")
             return
         self._servers.add(proto)
         try:
@@ -530,8 +457,6 @@ class PodProxy:
         return handle
 
     async def _hbone_stream(self, stream: H2Stream, peer) -> None:
-        started = time.monotonic()
-        counters = self.counters.hbone
         source_id = stream.conn.peer_identity
         headers = dict(stream.request_headers)
         # The peer's agent connects from inside the client pod, so the TCP peer
@@ -542,44 +467,36 @@ class PodProxy:
         source = claimed if claimed and claimed[0] == peer[0] else (peer[0], peer[1])
         labels = self._labels("destination", self.plane.state().pod_by_ip(source[0]), source_id,
                               self._own_pod(), self.identity, mtls=True)
+        result = self._result("hbone", "HBONE", self.counters.hbone, source, (self.pod_ips[0], 0),
+                              source_identity=source_id, destination_identity=self.identity,
+                              labels=labels, app_is_source=False, count=False)
         checked = hbone.check_connect(stream.request_headers, self.pod_ips)
         if isinstance(checked, hbone.Refusal):
-            counters.failed += 1
             stream.respond(checked.status, end=True)
-            self._record("hbone", "HBONE", source, (self.pod_ips[0], 0), started,
-                         f"refused: {checked.status} {checked.reason}", src_id=source_id, dst_id=self.identity,
-                         labels=labels)
+            result.refuse(f"{checked.status} {checked.reason}")
             return
-        dst = (checked.ip, checked.port)
-        decision = self.plane.policy(InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port,
-                                                    source_id))
+        dst = result.destination = (checked.ip, checked.port)
+        request = InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port, source_id)
+        decision = result.decision = self.plane.policy(request)
         if not decision.allowed:
-            counters.failed += 1
             stream.respond(401, end=True)
-            self._record("hbone", "HBONE", source, dst, started, f"refused: 401 {decision.reason}",
-                         src_id=source_id, dst_id=self.identity, decision=decision, labels=labels)
+            result.refuse(f"401 {decision.reason}")
             return
         try:
             app = await self._connect_from_pod(dst)
         except (OSError, asyncio.TimeoutError) as exc:
-            counters.failed += 1
             stream.respond(503, end=True)
-            self._record("hbone", "HBONE", source, dst, started, f"refused: 503 app unreachable: {exc or 'timed out'}",
-                         src_id=source_id, dst_id=self.identity, labels=labels)
+            result.decision = None
+            result.refuse(f"503 app unreachable: {exc or 'timed out'}")
             return
+        except asyncio.CancelledError:
+            result.refuse("stream reset by the client before the application was reached")
+            raise
         bag = hbone.baggage(self.workload)
         stream.respond(200, [("baggage", bag)] if bag else [])
-        counters.active += 1
         counted = ByteCounter()
-        meter = self._meter(labels, counted, app_is_source=False)
-        request = InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port, source_id)
-        try:
-            with self._authorised_as(request):
-                outcome = await bridge(app, stream, counted, counters, sock_is_app=True)
-        finally:
-            counters.active -= 1
-        self._record("hbone", "HBONE", source, dst, started, outcome, counted, src_id=source_id,
-                     dst_id=self.identity, app_is_source=False, decision=decision, labels=labels, meter=meter)
+        pipe = await start_bridge(app, stream, counted, self.counters.hbone, sock_is_app=True)
+        self._track(result, pipe, counted, request)
 
 
 def _forwarded_for(value: str) -> tuple[str, int] | None:

@@ -25,19 +25,19 @@ from agent.proxy.tls import PeerIdentityError, check_server_identity
 log = logging.getLogger(__name__)
 
 
-async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
-                 totals=None, sock_is_app: bool = True) -> str:
-    """Carry bytes between a TCP socket and an HBONE stream until both directions end.
+async def start_bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
+                       totals=None, sock_is_app: bool = True) -> Pipe:
+    """Start carrying bytes between a TCP socket and an HBONE stream.
 
     FIN -> END_STREAM and END_STREAM -> FIN (half-close); TCP reset ->
     RST_STREAM(CONNECT_ERROR) and RST_STREAM -> TCP reset (RFC 9113 8.5).
     ``sock_is_app``: the socket faces the pod's application (counted as
-    "sent" when it writes); otherwise the stream does. Returns "closed" or
-    "reset"; the socket is closed on return (cancellation resets both).
+    "sent" when it writes); otherwise the stream does. The returned pipe's
+    ``done`` resolves "closed" or "reset"; the socket is closed by then.
 
     The bytes move from callback to callback (``appsock``): the socket's
     reads go into h2 at once, DATA frames go to the socket from the
-    connection's ``data_received``; this coroutine only waits for the end.
+    connection's ``data_received``.
     """
     up_attr, down_attr = ("sent", "received") if sock_is_app else ("received", "sent")
     pipe = Pipe(counter, totals)
@@ -48,11 +48,18 @@ async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
         raise
     tcp.attach(stream)
     stream.attach(tcp, pipe, down_attr)
+    pipe.ends = (tcp, stream)
+    return pipe
+
+
+async def bridge(sock: socket.socket, stream: H2Stream, counter: ByteCounter,
+                 totals=None, sock_is_app: bool = True) -> str:
+    """``start_bridge`` and wait: returns "closed" or "reset" (cancelling resets both)."""
+    pipe = await start_bridge(sock, stream, counter, totals, sock_is_app)
     try:
         return await asyncio.shield(pipe.done)
     except asyncio.CancelledError:
-        stream.reset(h2.errors.ErrorCodes.CONNECT_ERROR)
-        tcp.abort()
+        pipe.abort()
         raise
 
 
