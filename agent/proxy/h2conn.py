@@ -161,7 +161,7 @@ class H2Stream:
             self.response.add_done_callback(_retrieved)
         self.task: asyncio.Task | None = None      # server side: the request's handler
         self.responded = False
-        self._chunks: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._chunks: collections.deque[tuple[bytes, int]] | tuple = _NO_QUEUE   # made when needed
         self._readable: asyncio.Event | None = None    # read()/write() only
         self._window: asyncio.Event | None = None
         self.remote_ended = False
@@ -173,7 +173,7 @@ class H2Stream:
         self.peer = None
         self.pipe = None
         self.attr = ""
-        self._pending: collections.deque[memoryview] = collections.deque()
+        self._pending: collections.deque[memoryview] | tuple = _NO_QUEUE
         self._eof_pending = False
         self._pausers: frozenset[str] | set[str] = _NO_PAUSERS
         self._held = 0               # received bytes not yet acknowledged (paused)
@@ -215,7 +215,7 @@ class H2Stream:
             return
         rest = self._push(memoryview(data), data)
         if rest:
-            self._pending.append(rest)
+            self._pending = collections.deque((rest,))
             self.peer.pause_reading("h2-window")
 
     def _push(self, view: memoryview, whole: bytes | None = None) -> memoryview:
@@ -240,7 +240,7 @@ class H2Stream:
             # RST_STREAM may already have closed the stream while a WINDOW_UPDATE
             # of the same read is being handled. Its StreamReset event follows
             # and resets the other end; what was pending is dropped with it.
-            self._pending.clear()
+            self._pending = _NO_QUEUE
             view = view[len(view):]
         conn.schedule_flush()
         return view
@@ -304,6 +304,8 @@ class H2Stream:
     def _feed(self, data: bytes, flow_len: int) -> None:
         peer = self.peer
         if peer is None:
+            if not self._chunks:
+                self._chunks = collections.deque()
             self._chunks.append((data, flow_len))
             if self._readable is not None:
                 self._readable.set()
@@ -396,7 +398,7 @@ class H2Stream:
         except h2.exceptions.H2Error:
             pass
         self._wake()
-        self._pending.clear()
+        self._pending = _NO_QUEUE
         self._finish(reset=True)
         self.conn._forget(self)
 
@@ -410,6 +412,7 @@ class H2Stream:
 
 
 _NO_PAUSERS: frozenset[str] = frozenset()
+_NO_QUEUE: tuple = ()          # an empty queue until a stream needs one (most never do)
 
 RequestHandler = Callable[[H2Stream], Awaitable[None]]
 
@@ -642,6 +645,7 @@ class H2Connection(asyncio.Protocol):
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             stream.closed = True
+            stream.task = None         # an open tunnel keeps no finished task alive
             self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: H2Stream) -> None:
