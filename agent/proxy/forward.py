@@ -259,7 +259,8 @@ class PodProxy:
             if app:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, dst), self.plane.connect_timeout)
+            async with asyncio.timeout(self.plane.connect_timeout):   # no extra task, unlike wait_for
+                await loop.sock_connect(sock, dst)
         except BaseException:
             sock.close()
             raise
@@ -304,13 +305,13 @@ class PodProxy:
         try:
             if self.plane.tls is None:
                 raise ConnectionError("no CA configured: this agent cannot speak HBONE")
-            ctx = await asyncio.wait_for(self.plane.tls.context(self.identity, server_side=False),
-                                         self.plane.connect_timeout)
-            key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT), self.listeners.cookie)
-            headers = hbone.connect_request_headers(target, source, self.workload)
-            stream, response = await asyncio.wait_for(
-                self.plane.pool.stream(key, ctx, self._dial_peer, headers),
-                self.plane.connect_timeout)
+            # One deadline for the certificate, the pooled (or new) connection
+            # and the CONNECT's answer; asyncio.timeout adds no task per call.
+            async with asyncio.timeout(self.plane.connect_timeout):
+                ctx = await self.plane.tls.context(self.identity, server_side=False)
+                key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT), self.listeners.cookie)
+                headers = hbone.connect_request_headers(target, source, self.workload)
+                stream, response = await self.plane.pool.stream(key, ctx, self._dial_peer, headers)
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             result.fail(str(exc) or type(exc).__name__)
             abort(conn)

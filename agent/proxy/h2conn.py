@@ -784,8 +784,14 @@ class H2Connection(asyncio.Protocol):
         self.streams[stream_id] = stream
         self.h2.send_headers(stream_id, headers, end_stream=False)
         self.flush()
-        self.last_activity = asyncio.get_running_loop().time()
-        response = await stream.response
+        self.last_activity = self._loop.time()
+        try:
+            response = await stream.response
+        except BaseException:
+            # Timed out or cancelled (or reset): the stream must not keep
+            # counting against this connection's capacity.
+            stream.reset(h2.errors.ErrorCodes.CANCEL)
+            raise
         return stream, response
 
     async def ping(self, timeout: float) -> bool:
