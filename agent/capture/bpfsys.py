@@ -1,9 +1,11 @@
-"""Thin ctypes shell over libbpf for what BCC's Python API cannot do.
+"""Thin ctypes shell over libbpf: the agent's whole interface to BPF.
 
-BCC compiles and loads our programs; it cannot pin or reopen objects, has
-no bpf_link API (needed for sk_lookup), and its tables do not handle
-SOCKHASH. libbpf (Debian's libbpf.so.1) does all of that with plain fds.
-Every call raises OSError with the failing operation named.
+BCC compiles and loads our programs, but only in the short-lived loader
+process (``loader.py``): it maps LLVM, cannot pin or reopen programs, has no
+bpf_link API (needed for sk_lookup), and its tables do not handle SOCKHASH.
+libbpf (Debian's libbpf.so.1, about 250 KB resident) does all of that with
+plain fds, in the loader and in the agent. Every call raises OSError with
+the failing operation named.
 """
 
 from __future__ import annotations

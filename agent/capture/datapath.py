@@ -1,19 +1,25 @@
 """The node's capture data path: eBPF programs, pinned maps and links.
 
-Loads ``bpf/*.c`` with BCC and keeps everything under one pin directory per
-node agent, so that:
+A short-lived loader process (``agent/capture/loader.py``) compiles
+``bpf/*.c`` with BCC, attaches the cgroup programs and pins everything under
+one pin directory per node agent; the agent then opens those pins with
+``bpf(BPF_OBJ_GET)`` and never imports BCC, so LLVM (about 120 MB once a
+program is compiled) never stays mapped in the process that runs for days.
+Everything is pinned so that:
 
 * the cgroup programs (connect4/6, sock_ops) stay attached when the agent
   dies: captured connects then hit a dead listener and are refused
   (fail closed), and
-* a restarted agent reopens the same maps, swaps in its freshly compiled
-  programs, and re-adopts the pods it had captured.
+* a restarted agent's loader reuses the same maps and swaps in freshly
+  compiled programs, and the agent re-adopts the pods it had captured.
 
 Pin layout (``pin_dir``)::
 
     pod_config pending_dst orig_dst inbound_config listeners capture_stats   maps
     prog_connect4 prog_connect6 prog_sockops                                 cgroup programs
+    prog_sk_lookup                                                           sk_lookup program
     link_<netns cookie>                                                      sk_lookup links
+    <pin>_staged<pid>                                                        a loader's, until renamed
 
 Two agents on one kernel each have their own pin directory, maps and
 programs; each program only acts on network namespaces in its own maps.
@@ -28,6 +34,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +60,14 @@ POD_IPV6 = 2
 
 STATS = ("outbound_captured", "outbound_exempt_mark", "inbound_captured",
          "inbound_no_listener", "inbound_probe", "orig_dst_recorded")
+
+MAPS = ("pod_config", "pending_dst", "orig_dst", "inbound_config", "listeners", "capture_stats")
+SK_LOOKUP_PIN = "prog_sk_lookup"
+
+# The loader gets this long: it takes about 0.8 s on an idle 2-core machine,
+# and several agents starting at once share the cores.
+LOADER_TIMEOUT_SECONDS = 60.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 # (pin name, BCC function, BCC program type, attach type)
 CGROUP_PROGRAMS = (
@@ -126,13 +141,46 @@ def ensure_bpffs() -> None:
     subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
 
 
+def loader_command(pin_dir: str, cgroup: str) -> list[str]:
+    """The loader's command line: this interpreter, so BCC's ``.pth`` setup is the same."""
+    return [sys.executable, "-m", "agent.capture.loader", "--pin-dir", pin_dir, "--cgroup", cgroup]
+
+
+def run_loader(pin_dir: str, cgroup: str, timeout: float = LOADER_TIMEOUT_SECONDS) -> str:
+    """Run the loader to completion; its stderr on success, ``CaptureError`` otherwise."""
+    cmd = loader_command(pin_dir, cgroup)
+    env = dict(os.environ)
+    # `-m agent.capture.loader` must find this very package, whatever the cwd.
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if x)
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, errors="replace",
+                              timeout=timeout, env=env, close_fds=True)
+    except subprocess.TimeoutExpired as exc:   # run() has killed and reaped it
+        raise CaptureError(f"BPF loader did not finish within {timeout:g} s and was killed; "
+                           f"its stderr ends with: {_tail(exc.stderr)}") from None
+    except OSError as exc:
+        raise CaptureError(f"BPF loader could not be started ({cmd[0]}): {exc}") from exc
+    if done.returncode != 0:
+        raise CaptureError(f"BPF loader exited with status {done.returncode}: {_tail(done.stderr)}")
+    return done.stderr
+
+
+def _tail(text: str | bytes | None, lines: int = 12) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    kept = [line for line in (text or "").strip().splitlines() if line.strip()][-lines:]
+    return " | ".join(kept) or "(nothing)"
+
+
 class CaptureDatapath:
     """One node agent's BPF programs and maps."""
 
-    def __init__(self, pin_dir: str, cgroup: str = DEFAULT_CGROUP) -> None:
+    def __init__(self, pin_dir: str, cgroup: str = DEFAULT_CGROUP,
+                 loader_timeout: float = LOADER_TIMEOUT_SECONDS) -> None:
         self.pin_dir = pin_dir
         self.cgroup = cgroup
-        self._bpf = None
+        self.loader_timeout = loader_timeout
         self._sk_lookup_fd = -1
         self._maps: dict[str, int] = {}
         self._links: dict[int, int] = {}   # netns cookie -> link fd
@@ -141,67 +189,27 @@ class CaptureDatapath:
     # -- loading -----------------------------------------------------------
 
     def load(self) -> None:
-        """Compile, load, attach; replace the programs of a previous agent."""
-        from bcc import BPF  # imported here: BCC is slow to import and needs root
-
-        ensure_bpffs()
-        os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
-        text = "".join((BPF_SOURCE_DIR / name).read_text() for name in BPF_SOURCES)
+        """Have the loader attach fresh programs (replacing a previous agent's), then open the pins."""
+        stderr = run_loader(self.pin_dir, self.cgroup, self.loader_timeout)
+        for line in stderr.strip().splitlines():
+            log.debug("loader: %s", line)
         try:
-            self._bpf = BPF(text=text, cflags=[f"-I{BPF_SOURCE_DIR}",
-                                                f'-DPIN_DIR="{self.pin_dir}"'])
-        except Exception as exc:
-            raise CaptureError(f"compile {', '.join(BPF_SOURCES)}: {exc}") from exc
-        for name in ("pod_config", "pending_dst", "orig_dst", "inbound_config",
-                     "listeners", "capture_stats"):
-            self._maps[name] = bpfsys.obj_get(os.path.join(self.pin_dir, name))
-
-        sk_fn = self._bpf.load_func("ambient_sk_lookup", bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
-                                    attach_type=bpfsys.BPF_SK_LOOKUP)
-        self._sk_lookup_fd = sk_fn.fd
-        cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for pin_name, func, prog_type, attach_type in CGROUP_PROGRAMS:
-                fn = self._bpf.load_func(func, prog_type, attach_type=attach_type)
-                self._replace_cgroup_program(cg_fd, pin_name, fn.fd, attach_type)
-        finally:
-            os.close(cg_fd)
-        self._adopt_links()
+            for name in MAPS:
+                self._maps[name] = bpfsys.obj_get(os.path.join(self.pin_dir, name))
+            self._sk_lookup_fd = bpfsys.obj_get(os.path.join(self.pin_dir, SK_LOOKUP_PIN))
+            self._open_links()
+        except OSError as exc:
+            self.close()
+            raise CaptureError("the BPF loader succeeded but its pins cannot be opened: "
+                               f"{exc.strerror or exc}") from exc
         log.info("capture programs attached at %s, state pinned in %s", self.cgroup, self.pin_dir)
 
-    def _replace_cgroup_program(self, cg_fd: int, pin_name: str, prog_fd: int,
-                                attach_type: int) -> None:
-        # Attach the new program before detaching the old one: both act on
-        # the same pinned maps, and the second sees an already rewritten
-        # (loopback) destination and leaves it alone, so there is no moment
-        # without capture.
-        pin = os.path.join(self.pin_dir, pin_name)
-        staged = f"{pin}_staged{os.getpid()}"  # bpffs names may not contain dots
-        if os.path.exists(staged):
-            os.unlink(staged)
-        bpfsys.obj_pin(prog_fd, staged)
-        bpfsys.prog_attach(prog_fd, cg_fd, attach_type)
-        if os.path.exists(pin):
-            old = bpfsys.obj_get(pin)
-            try:
-                bpfsys.prog_detach(old, cg_fd, attach_type)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-            finally:
-                os.close(old)
-            os.unlink(pin)
-        os.rename(staged, pin)
-
-    def _adopt_links(self) -> None:
-        """Point the pinned sk_lookup links of a previous agent at our program."""
+    def _open_links(self) -> None:
+        """Hold the pinned sk_lookup links; the loader already pointed them at the new program."""
         for entry in os.listdir(self.pin_dir):
-            if not entry.startswith("link_"):
-                continue
-            cookie = int(entry[len("link_"):])
-            fd = bpfsys.obj_get(os.path.join(self.pin_dir, entry))
-            bpfsys.link_update(fd, self._sk_lookup_fd)
-            self._links[cookie] = fd
+            if entry.startswith("link_"):
+                cookie = int(entry[len("link_"):])
+                self._links[cookie] = bpfsys.obj_get(os.path.join(self.pin_dir, entry))
 
     # -- per pod -----------------------------------------------------------
 
@@ -293,6 +301,27 @@ class CaptureDatapath:
                 problems.append(f"inbound steering for {ip} (inbound_config entry) missing")
         return problems
 
+    def restore_pins(self) -> list[str]:
+        """Pin again, from the fds this agent holds, the maps and the sk_lookup
+        program whose pins were deleted; returns the names pinned again.
+
+        The running capture does not need the pins (programs hold their maps),
+        but the next agent does: its loader would find no maps, make empty
+        ones, and every pod's steering would be lost. Raises OSError if a pin
+        cannot be made.
+        """
+        held = dict(self._maps)
+        if self._sk_lookup_fd >= 0:
+            held[SK_LOOKUP_PIN] = self._sk_lookup_fd
+        restored = []
+        for name, fd in held.items():
+            path = os.path.join(self.pin_dir, name)
+            if not os.path.lexists(path):
+                os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
+                bpfsys.obj_pin(fd, path)
+                restored.append(name)
+        return restored
+
     def original_destination(self, netns: int, peer_ip: str, peer_port: int) -> OriginalDestination | None:
         """Where a connection accepted by an outbound listener was headed; consumes the entry."""
         family, words = _ip_words(peer_ip)
@@ -321,9 +350,9 @@ class CaptureDatapath:
         for fd in self._maps.values():
             os.close(fd)
         self._maps.clear()
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        if self._sk_lookup_fd >= 0:
+            os.close(self._sk_lookup_fd)
+            self._sk_lookup_fd = -1
 
 
 def teardown(pin_dir: str, cgroup: str = DEFAULT_CGROUP) -> list[str]:

@@ -6,7 +6,7 @@
     material.py  signing material from an Istio cacerts directory                  (files)
     authn.py     bearer-token authentication of node agents                        (files)
     ca.py        the gRPC CA server (Istio's IstioCertificateService)              (network)
-    client.py    CaClient for that API                                             (network)
+    client.py    CaClient for that API: gRPC over HTTP/2 with h2, no grpcio        (network)
     manager.py   CertificateManager: per-identity keys, certificates, renewal      (asyncio)
     bundle.py    TrustBundle: the root file, reloaded on change                    (files)
     node.py      a node agent's identities wired together with the TLS contexts

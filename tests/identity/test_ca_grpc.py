@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.protobuf import struct_pb2
 
 from agent.identity import pki
-from agent.identity.client import CaClient, CaError
+from agent.identity.client import CaClient, CaError, StatusCode
 from agent.identity.material import CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT
 from agent.identity.proto import ca_pb2
 
@@ -147,7 +147,7 @@ def test_client_maps_errors_and_verifies_the_ca(env):
             async with client_for(server, token="token-node-b") as client:
                 with pytest.raises(CaError) as err:
                     await client.create_certificate(new_csr(API_URI), 60, API_URI)
-                assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+                assert err.value.code == StatusCode.PERMISSION_DENIED
                 assert "node 'node-b'" in err.value.message
                 # node-b's agent gets its own pod's identity
                 assert await client.create_certificate(new_csr(WEB_URI), 60, WEB_URI)
@@ -158,7 +158,7 @@ def test_client_maps_errors_and_verifies_the_ca(env):
                                 timeout=3) as client:
                 with pytest.raises(CaError) as err:
                     await client.create_certificate(new_csr(API_URI), 60, API_URI)
-                assert err.value.code == grpc.StatusCode.UNAVAILABLE
+                assert err.value.code == StatusCode.UNAVAILABLE
 
             # By name (localhost is in the serving certificate by default).
             async with CaClient(f"localhost:{server.port}", server.root_pem, lambda: "token-node-a") as c:
@@ -168,7 +168,7 @@ def test_client_maps_errors_and_verifies_the_ca(env):
             async with CaClient(f"127.0.0.1:{server.port}", b"", lambda: "token-node-a") as c:
                 with pytest.raises(CaError, match="no root certificate") as err:
                     await c.create_certificate(new_csr(API_URI), 60, API_URI)
-                assert err.value.code == grpc.StatusCode.UNAVAILABLE
+                assert err.value.code == StatusCode.UNAVAILABLE
                 await c.set_root_pem(server.root_pem)
                 assert await c.create_certificate(new_csr(API_URI), 60, API_URI)
 
@@ -178,7 +178,7 @@ def test_client_maps_errors_and_verifies_the_ca(env):
             async with CaClient(f"127.0.0.1:{server.port}", server.root_pem, broken_provider) as c:
                 with pytest.raises(CaError, match="token file gone") as err:
                     await c.create_certificate(new_csr(API_URI), 60, API_URI)
-                assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+                assert err.value.code == StatusCode.UNAUTHENTICATED
 
     run(scenario())
 
@@ -190,7 +190,7 @@ def test_state_and_tokens_are_reloaded(env):
         async with running_ca(env.config()) as server, client_for(server) as client:
             with pytest.raises(CaError) as err:
                 await client.create_certificate(new_csr(new_uri), 60, new_uri)
-            assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert err.value.code == StatusCode.PERMISSION_DENIED
 
             env.write_state(PODS + [pod("runner-0", "jobs", "node-a", "runner")], version=2)
             for _ in range(100):
@@ -206,7 +206,7 @@ def test_state_and_tokens_are_reloaded(env):
             env.write_tokens({"token-node-c": "node-c"})          # token-node-a revoked
             with pytest.raises(CaError) as err:
                 await client.create_certificate(new_csr(API_URI), 60, API_URI)
-            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert err.value.code == StatusCode.UNAUTHENTICATED
 
     run(scenario())
 

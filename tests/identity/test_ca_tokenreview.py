@@ -18,12 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
 
 from agent.identity import pki
-from agent.identity.client import CaError
+from agent.identity.client import CaError, StatusCode
 from agent.identity.kubeauth import TokenReviewAuthenticator
 from tests.kubeapi import objects
 from tests.kubeapi.server import KubeApiServer
@@ -129,40 +128,40 @@ def _refusal_cases(cluster):
     c = cluster
     return [
         # name, token, impersonate, csr identity, status, message fragment
-        ("unknown token", "no-such-token", API_URI, API_URI, grpc.StatusCode.UNAUTHENTICATED,
+        ("unknown token", "no-such-token", API_URI, API_URI, StatusCode.UNAUTHENTICATED,
          "token not authenticated by the Kubernetes API server: [invalid bearer token, token lookup failed]"),
         ("wrong audience",
          c.pod_token("agent-a-kube-aud", AGENT_NS, AGENT_SA, "agent-a", with_node=True,
                      audiences=("https://kubernetes.default.svc.cluster.local",)),
-         API_URI, API_URI, grpc.StatusCode.UNAUTHENTICATED, "is invalid for the target audiences [\"istio-ca\"]"),
+         API_URI, API_URI, StatusCode.UNAUTHENTICATED, "is invalid for the target audiences [\"istio-ca\"]"),
         ("not a service account",
-         _user_token(c, "user-alice", "alice"), API_URI, API_URI, grpc.StatusCode.UNAUTHENTICATED,
+         _user_token(c, "user-alice", "alice"), API_URI, API_URI, StatusCode.UNAUTHENTICATED,
          "token belongs to 'alice', not a service account"),
         ("token bound to no pod",
          _user_token(c, "legacy-sa", f"system:serviceaccount:{AGENT_NS}:{AGENT_SA}"), API_URI, API_URI,
-         grpc.StatusCode.UNAUTHENTICATED, "is not bound to a pod"),
+         StatusCode.UNAUTHENTICATED, "is not bound to a pod"),
         ("workload impersonating another identity",
          c.pod_token("api-imp", "backend", "api", "api-0", with_node=True), WEB_URI, WEB_URI,
-         grpc.StatusCode.PERMISSION_DENIED,
+         StatusCode.PERMISSION_DENIED,
          "service account backend/api is not the node agent's service account "
          "(istio-system/ambient-agent), so it may not impersonate"),
         ("workload impersonating a pod on its own node",
          c.pod_token("web-imp", "frontend", "web", "web-0", with_node=False), AGENT_URI, AGENT_URI,
-         grpc.StatusCode.PERMISSION_DENIED, "service account frontend/web is not the node agent's"),
+         StatusCode.PERMISSION_DENIED, "service account frontend/web is not the node agent's"),
         ("agent asking for an identity with no pod on its node",
          c.pod_token("agent-a-web", AGENT_NS, AGENT_SA, "agent-a", with_node=True), WEB_URI, WEB_URI,
-         grpc.StatusCode.PERMISSION_DENIED,
+         StatusCode.PERMISSION_DENIED,
          "node 'node-a' runs no pod with service account 'web' in namespace 'frontend', so its agent "
          "may not have identity spiffe://cluster.local/ns/frontend/sa/web"),
         ("pod-name extra whose pod runs on another node",
          c.pod_token("agent-b-api", AGENT_NS, AGENT_SA, "agent-b", with_node=False), API_URI, API_URI,
-         grpc.StatusCode.PERMISSION_DENIED, "node 'node-b' runs no pod with service account 'api'"),
+         StatusCode.PERMISSION_DENIED, "node 'node-b' runs no pod with service account 'api'"),
         ("token of a deleted pod whose name was reused",
          c.pod_token("agent-a-old", AGENT_NS, AGENT_SA, "agent-a", with_node=False, uid="uid-of-old-pod"),
-         API_URI, API_URI, grpc.StatusCode.UNAUTHENTICATED,
+         API_URI, API_URI, StatusCode.UNAUTHENTICATED,
          f"has UID {c.uids['agent-a']!r}, not the 'uid-of-old-pod' the token is bound to"),
         ("token bound to a pod that is gone",
-         _gone_pod_token(c), API_URI, API_URI, grpc.StatusCode.UNAUTHENTICATED,
+         _gone_pod_token(c), API_URI, API_URI, StatusCode.UNAUTHENTICATED,
          "pod istio-system/agent-gone, which the token is bound to, does not exist"),
     ]
 
@@ -219,14 +218,14 @@ def test_api_server_trouble_is_unavailable_not_unauthenticated(env, cluster, cap
                     cluster.api.fail_next.append(("/apis/authentication.k8s.io/v1/tokenreviews", code))
                     with pytest.raises(CaError) as err:
                         await client.create_certificate(new_csr(API_URI), 600, API_URI)
-                    assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+                    assert err.value.code == StatusCode.UNAVAILABLE, err.value
                     assert f"Kubernetes API: HTTP {code}" in err.value.message
                 # An API error on the pod lookup.
                 async with client_for(server, token=podless) as other:
                     cluster.api.fail_next.append((f"/api/v1/namespaces/{AGENT_NS}/pods/agent-a", 500))
                     with pytest.raises(CaError) as err:
                         await other.create_certificate(new_csr(API_URI), 600, API_URI)
-                    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+                    assert err.value.code == StatusCode.UNAVAILABLE
                     assert "cannot find the caller's node right now" in err.value.message
                     # ... and once the API answers again, the same token works.
                     assert await other.create_certificate(new_csr(API_URI), 600, API_URI)
@@ -243,7 +242,7 @@ def test_api_server_trouble_is_unavailable_not_unauthenticated(env, cluster, cap
             started = time.monotonic()
             with pytest.raises(CaError) as err:
                 await client.create_certificate(new_csr(API_URI), 600, API_URI)
-            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+            assert err.value.code == StatusCode.UNAVAILABLE
             assert "Kubernetes API unreachable" in err.value.message
             return time.monotonic() - started
 
@@ -265,14 +264,14 @@ def test_a_pod_scheduled_later_entitles_its_node_agent(env, cluster):
                 client_for(server, token=token) as client:
             with pytest.raises(CaError) as err:
                 await client.create_certificate(new_csr(runner), 600, runner)
-            assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert err.value.code == StatusCode.PERMISSION_DENIED
             cluster.api.create(objects.pod("runner-0", "jobs", node="node-a", service_account="runner",
                                            ip="10.0.0.7"))
             for _ in range(200):
                 try:
                     return await client.create_certificate(new_csr(runner), 600, runner)
                 except CaError as exc:
-                    assert exc.code == grpc.StatusCode.PERMISSION_DENIED
+                    assert exc.code == StatusCode.PERMISSION_DENIED
                     await asyncio.sleep(0.05)
             raise AssertionError("the new pod never entitled node-a's agent")
 
@@ -338,7 +337,7 @@ def test_ca_process_with_kube_tokens(env, cluster, tmp_path):
 
         chain, refused = run(request())
         leaf = x509.load_pem_x509_certificate(chain[0].encode())
-        assert pki.uri_sans(leaf) == [API_URI] and refused == grpc.StatusCode.PERMISSION_DENIED
+        assert pki.uri_sans(leaf) == [API_URI] and refused == StatusCode.PERMISSION_DENIED
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=10)

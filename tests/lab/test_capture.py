@@ -6,7 +6,10 @@ and counts them; these tests read those counters from the agents.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
 
 import pytest
 
@@ -221,6 +224,60 @@ def test_enrol_and_release_at_run_time_by_label(lab, servers):
     ok, banner = connect(lab, "plain/client", ip, 6062, "out")
     assert ok and f"peer={lab.pod_ip('plain/client')}:" in banner
     assert counters(lab, "node1", "plain/client", "outbound") == before
+
+
+def _mapped_libraries(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {os.path.basename(line.split()[5]) for line in f if len(line.split()) >= 6}
+
+
+def _bpftool(*args: str) -> dict:
+    done = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True, timeout=10)
+    return json.loads(done.stdout)
+
+
+def test_agents_never_map_bcc_or_llvm(lab, servers):
+    # BCC compiles in a short-lived loader process; the agents only hold
+    # pinned objects through bpf(), so LLVM never stays in the agents' memory.
+    for node in ("node1", "node2"):
+        libs = _mapped_libraries(lab.agent_pid(node))
+        assert any(lib.startswith("libbpf.so") for lib in libs)   # the bpf() shell it does use
+        heavy = sorted(lib for lib in libs if lib.startswith(("libbcc", "libLLVM", "libclang")))
+        assert heavy == [], f"agent of {node} maps {heavy}"
+    # ... and capture works in both directions with what the loader pinned.
+    srv = servers(lab)
+    srv.serve("plain/server", 6065, "no-llvm")
+    before = counters(lab, "node1", "mesh/client", "outbound")
+    ok, banner = connect(lab, "mesh/client", lab.pod_ip("plain/server"), 6065, "x")
+    assert ok and banner.startswith("no-llvm "), banner
+    assert counters(lab, "node1", "mesh/client", "outbound")["connections"] == before["connections"] + 1
+    srv.serve("mesh/server", 7072, "inbound")
+    before = counters(lab, "node2", "mesh/server", "inbound")
+    ok, banner = connect(lab, "plain/client", lab.pod_ip("mesh/server"), 7072, "y")
+    assert ok, banner
+    assert counters(lab, "node2", "mesh/server", "inbound")["connections"] == before["connections"] + 1
+
+
+def test_restart_points_every_pinned_link_at_the_new_sk_lookup_program(lab, servers):
+    pin_dir = lab.pin_dir("node2")
+    links = sorted(e for e in os.listdir(pin_dir) if e.startswith("link_"))
+    assert links, "node2 has enrolled pods, so it has sk_lookup links"
+    old = _bpftool("prog", "show", "pinned", f"{pin_dir}/prog_sk_lookup")["id"]
+    assert {_bpftool("link", "show", "pinned", f"{pin_dir}/{e}")["prog_id"] for e in links} == {old}
+
+    assert lab.stop_agent("node2")
+    lab.start_agent("node2")
+    new = _bpftool("prog", "show", "pinned", f"{pin_dir}/prog_sk_lookup")["id"]
+    assert new != old
+    assert sorted(e for e in os.listdir(pin_dir) if e.startswith("link_")) == links
+    assert {_bpftool("link", "show", "pinned", f"{pin_dir}/{e}")["prog_id"] for e in links} == {new}
+    assert not [e for e in os.listdir(pin_dir) if "_staged" in e]
+    srv = servers(lab)
+    srv.serve("mesh/server", 7073, "after-restart")
+    before = counters(lab, "node2", "mesh/server", "inbound")
+    ok, banner = connect(lab, "plain/client", lab.pod_ip("mesh/server"), 7073, "z")
+    assert ok, banner
+    assert counters(lab, "node2", "mesh/server", "inbound")["connections"] == before["connections"] + 1
 
 
 def test_agent_death_fails_closed_and_restart_readopts(lab, servers):

@@ -7,12 +7,11 @@ import asyncio
 import datetime as dt
 import random
 
-import grpc
 import pytest
 from cryptography import x509
 
 from agent.identity import pki
-from agent.identity.client import CaError
+from agent.identity.client import CaError, StatusCode
 from agent.identity.manager import (BACKOFF_MAX, CertificateError, CertificateManager,
                                     CertificateTimeout, WorkloadCertificate)
 from agent.identity.spiffe import IdentityError, WorkloadIdentity
@@ -146,7 +145,7 @@ def test_failures_back_off_keep_the_old_certificate_and_recover():
     async def scenario():
         time, signer, manager = setup(ttl_seconds=400)
         cert = await manager.certificate(API)
-        signer.fail = CaError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        signer.fail = CaError(StatusCode.UNAVAILABLE, "connection refused")
         await time.advance(time.sleeps[-1])                  # to the renewal point: it fails
         # Retries: 1, 2, 4, 8, 16, 32, 60, 60 ... seconds (+-20 %, never above 60).
         for n in range(1, 10):
@@ -180,7 +179,7 @@ def test_failures_back_off_keep_the_old_certificate_and_recover():
 def test_certificate_waits_until_the_ca_answers():
     async def scenario():
         time, signer, manager = setup()
-        signer.fail = CaError(grpc.StatusCode.UNAVAILABLE, "down")
+        signer.fail = CaError(StatusCode.UNAVAILABLE, "down")
         waiter = asyncio.ensure_future(manager.certificate(API))
         await time.advance(5)
         assert not waiter.done() and len(signer.calls) >= 2
@@ -201,7 +200,7 @@ def test_forget_stops_renewal_and_fails_waiters():
         await time.advance(1000)
         assert len(signer.calls) == 1
 
-        signer.fail = CaError(grpc.StatusCode.UNAVAILABLE, "down")
+        signer.fail = CaError(StatusCode.UNAVAILABLE, "down")
         waiter = asyncio.ensure_future(manager.certificate(WEB))
         await time.advance(1)
         manager.forget(WEB)
