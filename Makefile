@@ -12,7 +12,7 @@ DEBS        := python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking
 BCC_DIR     := /usr/lib/python3/dist-packages/bcc
 
 .PHONY: .debs-ok kernel-headers setup test unit lab-test demo clean-lab clean protos chart-tools image cni-plugin
-.PHONY: bench bench-short bench-tools
+.PHONY: bench bench-short bench-tools soak
 
 setup: $(STAMP) kernel-headers
 
@@ -57,7 +57,8 @@ unit: setup
 # and binutils (strip). Rebuilt only when the plugin's sources change.
 PYINSTALLER_VER ?= 6.22.3
 CNI_BUNDLE      := build/cni/ambient-cni
-CNI_SOURCES     := cni/ambient-cni.spec $(wildcard cni/*.py) $(wildcard agent/enrol/*.py) agent/__init__.py agent/state/model.py
+CNI_SOURCES     := cni/ambient-cni.spec $(wildcard cni/*.py) $(wildcard agent/enrol/*.py) agent/__init__.py agent/state/model.py \
+                   agent/boundedjson.py
 cni-plugin: $(CNI_BUNDLE)/ambient-cni
 
 # The executable is the target: a deleted bundle is rebuilt, not trusted to a stamp.
@@ -83,6 +84,13 @@ bench: bench-tools
 
 bench-short: bench-tools
 	$(VPY) -m bench.run --short --out-dir $${BENCH_OUT:-/tmp/ambient-bench-short}
+
+# Soak (not in CI): SOAK_MINUTES of connection churn plus a long-lived stream
+# through the mesh, sampling both agents' RSS, fds and log size; writes
+# bench/soak.json and bench/soak.md and fails unless the slopes are flat.
+SOAK_MINUTES ?= 30
+soak: setup
+	$(VPY) -m bench.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # Regenerate the CA API's Python modules from agent/identity/proto/ca.proto.
 # The generated code is committed; only run this after changing the .proto.

@@ -17,10 +17,17 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from agent import boundedjson
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_TIMEOUT_SECONDS = 5.0
+# Every request is a flat object of strings and lists of strings (depth 2);
+# deeper nesting or long numbers are refused before json parses them
+# (agent/boundedjson.py: a RecursionError used to escape, issue 11).
+MAX_REQUEST_DEPTH = 8
+MAX_REQUEST_DIGITS = 32
 
 
 class ProtocolError(ValueError):
@@ -52,7 +59,18 @@ class StatusRequest:
     pass
 
 
-Request = CniAdd | CniDel | StatusRequest
+@dataclass(frozen=True)
+class Handover:
+    """A new agent on this node asks the running one to hand the node over.
+
+    ``pid`` is the requester's process id as the kernel reports it
+    (SO_PEERCRED), never a value from the request: the running agent watches
+    that process to know whether the takeover is still coming.
+    """
+    pid: int = 0
+
+
+Request = CniAdd | CniDel | StatusRequest | Handover
 
 
 def _text(obj: dict, key: str, required: bool = True) -> str:
@@ -84,8 +102,11 @@ def _addresses(obj: dict, key: str) -> tuple[str, ...]:
 def parse_request(line: bytes) -> Request:
     """Decode one request line into a typed request, or raise ProtocolError."""
     try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = boundedjson.loads(line, max_bytes=MAX_REQUEST_BYTES, max_depth=MAX_REQUEST_DEPTH,
+                                max_digits=MAX_REQUEST_DIGITS)
+    except boundedjson.JsonLimitError as exc:
+        raise ProtocolError(f"request refused: {exc}") from None
+    except boundedjson.JsonError as exc:
         raise ProtocolError(f"request is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("request must be a JSON object")
@@ -109,16 +130,19 @@ def parse_request(line: bytes) -> Request:
                       container_id=_text(obj, "container_id", required=False))
     if op == "status":
         return StatusRequest()
-    raise ProtocolError(f"unknown op {op!r} (expected cni-add, cni-del or status)")
+    if op == "handover":
+        return Handover()
+    raise ProtocolError(f"unknown op {op!r} (expected cni-add, cni-del, status or handover)")
 
 
 Handler = Callable[[Request], Awaitable[dict[str, Any]]]
 
 
-def _peer_uid(sock: socket.socket) -> int:
+def _peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, from the kernel."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
 
 
 @dataclass
@@ -126,11 +150,17 @@ class ControlServer:
     path: str
     handler: Handler
     _server: asyncio.AbstractServer | None = field(default=None, init=False)
+    # (st_dev, st_ino) of the socket file this server bound: whether the path
+    # still names it is how an agent learns that another one took the node.
+    _bound: tuple[int, int] | None = field(default=None, init=False)
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         if os.path.exists(self.path):
-            os.unlink(self.path)   # a previous agent's socket: nobody listens on it
+            # A previous agent's socket. Either nobody listens on it any more,
+            # or that agent is handing the node over to this one and waits
+            # for exactly this replacement (docs/ARCHITECTURE.md, "Agent upgrade").
+            os.unlink(self.path)
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
@@ -138,11 +168,24 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
+        st = os.stat(self.path)
+        self._bound = (st.st_dev, st.st_ino)
+
+    def path_state(self) -> str:
+        """What the socket path names now: ``ours``, ``missing`` or ``replaced``
+        (``unbound`` before ``start``)."""
+        if self._bound is None:
+            return "unbound"
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "missing"
+        return "ours" if (st.st_dev, st.st_ino) == self._bound else "replaced"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
-            uid = _peer_uid(sock)
+            pid, uid = _peer_creds(sock)
             if uid != 0:
                 log.warning("control socket: refused a request from uid %d (root only)", uid)
                 await self._reply(writer, {"ok": False, "error": "only root may use the agent socket"})
@@ -163,6 +206,8 @@ class ControlServer:
                 log.warning("control socket: bad request: %s", exc)
                 await self._reply(writer, {"ok": False, "error": str(exc)})
                 return
+            if isinstance(request, Handover):
+                request = Handover(pid=pid)
             try:
                 response = await self.handler(request)
             except Exception as exc:  # one bad request never takes the agent down

@@ -20,6 +20,9 @@ rr HOST PORT          request/response with fixed-size messages on
 cps HOST PORT         new connections: connect, one exchange, close,
                       ``--concurrency`` at a time; reports connect latency
                       (connect() until writable) and the whole exchange.
+                      ``--rate R`` (R > 0): a new connection every 1/R s,
+                      still at most ``--concurrency`` at a time (a start
+                      that finds them all busy is counted as ``late``).
 idle HOST PORT        open ``--conns`` connections, do one exchange on each,
                       print {"ready": N}, then hold them until stdin closes.
 """
@@ -194,7 +197,10 @@ def cps(args) -> int:
     errors = 0
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
 
+    in_flight = [0]
+
     def launch() -> None:
+        in_flight[0] += 1
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -205,10 +211,32 @@ def cps(args) -> int:
             raise OSError(rc, os.strerror(rc))
         sel.register(s, selectors.EVENT_WRITE, {"t0": t0, "tc": None, "got": 0})
 
-    for _ in range(args.concurrency):
-        launch()
+    paced = args.rate > 0
+    interval = 1.0 / args.rate if paced else 0.0
+    next_launch = start
+    late = 0
+    replace = (lambda: None) if paced else launch     # paced: the schedule starts the next one
+
+    def start_paced() -> None:
+        nonlocal next_launch, late
+        now = time.perf_counter()
+        while next_launch <= now:
+            next_launch += interval
+            if in_flight[0] < args.concurrency:
+                launch()
+            else:
+                late += 1
+
+    if not paced:
+        for _ in range(args.concurrency):
+            launch()
     while time.perf_counter() < end:
-        for key, _ in sel.select(max(0.0, end - time.perf_counter())):
+        if paced:
+            start_paced()
+            wait = max(0.0, min(next_launch, end) - time.perf_counter())
+        else:
+            wait = max(0.0, end - time.perf_counter())
+        for key, _ in sel.select(wait):
             s, st = key.fileobj, key.data
             now = time.perf_counter()
             if st["tc"] is None:
@@ -217,7 +245,8 @@ def cps(args) -> int:
                     errors += 1
                     sel.unregister(s)
                     s.close()
-                    launch()
+                    in_flight[0] -= 1
+                    replace()
                     continue
                 st["tc"] = now
                 s.send(payload)          # 1 KB into an empty send buffer: never partial
@@ -231,20 +260,22 @@ def cps(args) -> int:
                 errors += 1
                 sel.unregister(s)
                 s.close()
-                launch()
+                in_flight[0] -= 1
+                replace()
                 continue
             st["got"] += len(data)
             if st["got"] >= size:
                 sel.unregister(s)
                 s.close()
+                in_flight[0] -= 1
                 if st["t0"] >= measure_from:
                     connect_lat.append(st["tc"] - st["t0"])
                     total_lat.append(now - st["t0"])
-                launch()
+                replace()
     elapsed = time.perf_counter() - measure_from
     out = {"connections": len(total_lat), "seconds": elapsed,
            "rate": len(total_lat) / elapsed if elapsed > 0 else 0.0,
-           "concurrency": args.concurrency, "errors": errors,
+           "concurrency": args.concurrency, "errors": errors, "target_rate": args.rate, "late": late,
            "connect": percentiles(connect_lat), "exchange": percentiles(total_lat)}
     print(json.dumps(out), flush=True)
     return 0

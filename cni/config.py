@@ -2,8 +2,9 @@
 configuration on stdin, results and errors (CNI spec 1.0.0; configurations
 of versions 0.3.0, 0.3.1 and 0.4.0 are accepted too).
 
-No I/O, and only ``json`` and ``re`` (which ``json`` imports anyway): the
-plugin runs once per pod sandbox operation and must start fast. Plain
+No I/O, and only ``json`` and ``re`` (which ``json`` imports anyway, and
+``agent.boundedjson`` uses no more): the plugin runs once per pod sandbox
+operation and must start fast. Plain
 classes rather than dataclasses for the same reason (each dataclass costs
 an ``exec`` at import).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+
+from agent import boundedjson
 
 CURRENT_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
@@ -40,6 +43,14 @@ ERR_INTERNAL = 999           # a bug in the plugin (the Go CNI library's ErrInte
 # then alphanumerics, underscores, dots and hyphens.
 _CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 _IFNAMSIZ = 16               # Linux interface names hold at most 15 bytes
+
+# Bounds on the configuration checked before it is parsed (agent/boundedjson.py):
+# deep nesting or a 5,000-digit number used to escape as a Python traceback
+# with code 999 (issue 11). A real conflist entry with its prevResult is a
+# few KB, nests about 4 levels and holds no long numbers.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_DEPTH = 64
+MAX_CONFIG_DIGITS = 64
 
 
 class CniError(Exception):
@@ -254,8 +265,11 @@ def parse_config(data: bytes, command: str) -> PluginConfig:
     invalid field (the message names it).
     """
     try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+        raw = boundedjson.loads(data, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH,
+                                max_digits=MAX_CONFIG_DIGITS)
+    except boundedjson.JsonLimitError as exc:
+        raise CniError(ERR_DECODE, "network configuration refused", str(exc)) from None
+    except boundedjson.JsonError as exc:
         raise CniError(ERR_DECODE, "network configuration is not valid JSON", str(exc)) from None
     if not isinstance(raw, dict):
         raise CniError(ERR_DECODE, "network configuration must be a JSON object",

@@ -76,7 +76,7 @@ def load_kubeconfig(path: str) -> ApiTarget:
         raise KubeError(f"kubeconfig {path}: {exc.strerror or exc}") from None
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict):
         raise KubeError(f"kubeconfig {path} is not a JSON object (install-cni writes JSON)")
@@ -233,7 +233,7 @@ class ApiReader:
             raise KubeError(f"GET {path}: HTTP {status} {_reason(body)}")
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):     # RecursionError: absurdly deep nesting
             obj = None
         if not isinstance(obj, dict):
             raise KubeError(f"GET {path}: answer is not a JSON object")
@@ -250,7 +250,7 @@ def _reason(body: bytes) -> str:
     try:
         status = json.loads(body)
         return str(status.get("message") or status.get("reason") or "")[:300]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return body[:200].decode("utf-8", "replace")
 
 

@@ -90,7 +90,7 @@ def agent_call(path: str, request: dict, timeout: float) -> dict:
         raise AgentError(f"{path} closed the connection without answering")
     try:
         reply = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):     # RecursionError: nesting deeper than ~1000
         reply = None
     if not isinstance(reply, dict):
         raise AgentError(f"{path} answered with something other than a JSON object: {line[:200]!r}")
@@ -200,7 +200,7 @@ def read_pod_from_file(config: PluginConfig, env: Environment) -> tuple[dict | N
                        f"{path}: {exc.strerror or exc}") from None
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
         items = doc.get("items") if doc["kind"].endswith("List") else [doc]
@@ -209,8 +209,12 @@ def read_pod_from_file(config: PluginConfig, env: Environment) -> tuple[dict | N
     from agent.state.model import StateError, load_state_text
     try:
         state = load_state_text(data.decode("utf-8", "replace"))
-    except StateError as exc:
-        raise CniError(ERR_TRY_AGAIN_LATER, "cluster state unreadable", f"{path}: {exc}") from None
+    except (StateError, ValueError, RecursionError) as exc:
+        # ValueError, RecursionError: a number too long for int() or nesting
+        # too deep for the parser (JSON or YAML); an answer, not a traceback.
+        raise CniError(ERR_TRY_AGAIN_LATER, "cluster state unreadable",
+                       f"{path}: {type(exc).__name__ + ': ' if not isinstance(exc, StateError) else ''}"
+                       f"{str(exc)[:300]}") from None
     return state.pod(env.pod_namespace, env.pod_name), state.namespace(env.pod_namespace)
 
 

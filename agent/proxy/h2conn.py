@@ -31,10 +31,14 @@ import h2.settings
 import h2.stream
 from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 
+from agent.observe.problems import ProblemLog, problem_key
 from agent.proxy import limits
 from agent.proxy.hbone import CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW
 
 log = logging.getLogger(__name__)
+# What a peer can make happen once per connection or stream is said once a
+# minute per distinct problem (digits folded), never once per event.
+_problems = ProblemLog(log)
 
 DEFAULT_WINDOW = 65535
 TLS_WRITE_HIGH = 2 * 1024 * 1024
@@ -65,6 +69,12 @@ class _HboneH2(h2.connection.H2Connection):
     """
 
     refused_streams = 0
+    # h2 remembers this many closed streams per connection to tell a late
+    # frame from a protocol error. Its default (65,536) let one peer make a
+    # connection hold ~11 MB by opening and ending streams (the soak run and
+    # a flood of refused CONNECTs, docs/SECURITY.md); 4,096 covers any frame
+    # still in flight when a stream closes.
+    MAX_CLOSED_STREAMS = 4096
 
     def _receive_frame(self, frame):
         """DATA frames skip h2's trace line, whose argument is computed eagerly.
@@ -479,7 +489,8 @@ class H2Connection(asyncio.Protocol):
             try:
                 self.peer_identity = self.verify(transport)
             except Exception as exc:
-                log.warning("%s: refused peer: %s", self.name, exc)
+                # forward.py's record of the refusal goes to the access log.
+                log.debug("%s: refused peer: %s", self.name, exc)
                 self.closed = True
                 if not self.ready.done():
                     self.ready.set_exception(ConnectionError(str(exc)))
@@ -501,7 +512,8 @@ class H2Connection(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            log.warning("%s: HTTP/2 protocol error from peer: %s; closing", self.name, exc)
+            _problems.report(logging.WARNING, problem_key("h2 protocol error", str(exc)),
+                             "%s: HTTP/2 protocol error from peer: %s; closing", self.name, exc)
             self.flush()
             self._abort_all()
             if self.transport:
@@ -514,8 +526,10 @@ class H2Connection(asyncio.Protocol):
                 # A failure while handling one stream's event costs that stream,
                 # never the connection and the other streams on it.
                 sid = getattr(event, "stream_id", 0) or 0
-                log.error("%s: handling %s failed: %s: %s", self.name, type(event).__name__,
-                          type(exc).__name__, exc)
+                _problems.report(logging.ERROR, problem_key("h2 event", type(event).__name__,
+                                                            type(exc).__name__, str(exc)),
+                                 "%s: handling %s failed: %s: %s", self.name, type(event).__name__,
+                                 type(exc).__name__, exc)
                 stream = self.streams.get(sid)
                 if stream is None:
                     raise
@@ -640,8 +654,9 @@ class H2Connection(asyncio.Protocol):
         except Exception as exc:
             # One line, not a traceback: a peer can make handlers fail at
             # will, and the log must not grow with it.
-            log.error("%s: stream %d handler failed: %s: %s", self.name, stream.id,
-                      type(exc).__name__, exc)
+            _problems.report(logging.ERROR, problem_key("stream handler", type(exc).__name__, str(exc)),
+                             "%s: stream %d handler failed: %s: %s", self.name, stream.id,
+                             type(exc).__name__, exc)
             stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         finally:
             stream.closed = True
@@ -670,7 +685,8 @@ class H2Connection(asyncio.Protocol):
         if self.closed:
             return
         self.calmed = what
-        log.warning("%s: peer exceeded its %s budget; GOAWAY ENHANCE_YOUR_CALM", self.name, what)
+        _problems.report(logging.WARNING, ("h2 budget", what),
+                         "%s: peer exceeded its %s budget; GOAWAY ENHANCE_YOUR_CALM", self.name, what)
         # h2 has already queued its answers to the whole read (a PING ACK per
         # PING): they are dropped, the peer gets only the GOAWAY.
         self.h2.clear_outbound_data_buffer()
@@ -702,7 +718,7 @@ class H2Connection(asyncio.Protocol):
                 wait = idle_seconds
                 why = ""
             if wait <= 0 and why:
-                log.info("%s: closing: %s", self.name, why)
+                log.debug("%s: closing: %s", self.name, why)
                 self.close()
                 break
             await asyncio.wait([self.done], timeout=max(wait, 0.05))

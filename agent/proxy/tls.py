@@ -49,6 +49,10 @@ def restrict_ciphersuites(ctx: ssl.SSLContext, suites: str = AES_GCM_SUITES) -> 
 class PeerIdentityError(ssl.SSLError):
     """The peer's certificate does not carry the identity we require."""
 
+    def __str__(self) -> str:
+        # SSLError's own str() is the repr of its args tuple: "('message',)".
+        return str(self.args[0]) if self.args else "peer identity refused"
+
 
 def _load_chain(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes, tmp_root: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="hbone-tls-", dir=tmp_root) as tmp:
@@ -92,25 +96,43 @@ def peer_identities(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[str]:
     return uri_sans(der) if der else []
 
 
+def _shown(sans: list[str]) -> str:
+    """The SANs for a message: a peer chooses them, so at most three, each cut short."""
+    if not sans:
+        return "(none)"
+    shown = ", ".join(san[:200] for san in sans[:3])
+    return shown + (f" and {len(sans) - 3} more" if len(sans) > 3 else "")
+
+
+def _single_identity(ssl_object, side: str) -> str:
+    """The peer's one URI SAN. An X.509 SVID carries exactly one (SPIFFE
+    X509-SVID 4.1); a certificate naming several would let its holder be
+    taken for whichever identity a check happens to look for."""
+    sans = peer_identities(ssl_object)
+    if len(sans) != 1:
+        raise PeerIdentityError(f"{side} certificate has {len(sans)} URI SANs ({_shown(sans)}); "
+                                "a SPIFFE certificate carries exactly one")
+    return sans[0]
+
+
 def check_server_identity(ssl_object, expected: str) -> None:
     """Client side: the server must be the workload we meant to reach."""
     if ssl_object.selected_alpn_protocol() != "h2":
         raise PeerIdentityError(f"server did not negotiate ALPN h2 (got {ssl_object.selected_alpn_protocol()})")
-    sans = peer_identities(ssl_object)
-    if expected not in sans:
-        raise PeerIdentityError(f"server identity {sans or ['(none)']} is not the expected {expected}")
+    san = _single_identity(ssl_object, "server")
+    if san != expected:
+        raise PeerIdentityError(f"server identity {[san[:200]]} is not the expected {expected}")
 
 
 def check_client_identity(ssl_object, trust_domain: str) -> str:
     """Server side: the client must be a SPIFFE workload of our trust domain."""
     if ssl_object.selected_alpn_protocol() != "h2":
         raise PeerIdentityError(f"client did not negotiate ALPN h2 (got {ssl_object.selected_alpn_protocol()})")
-    prefix = f"spiffe://{trust_domain}/"
-    for san in peer_identities(ssl_object):
-        if san.startswith(prefix):
-            return san
-    raise PeerIdentityError(f"client certificate has no SPIFFE identity in trust domain {trust_domain}"
-                            f" (SANs: {peer_identities(ssl_object) or ['(none)']})")
+    san = _single_identity(ssl_object, "client")
+    if not san.startswith(f"spiffe://{trust_domain}/"):
+        raise PeerIdentityError(f"client certificate has no SPIFFE identity in trust domain {trust_domain}"
+                                f" (SANs: {_shown([san])})")
+    return san
 
 
 class TlsContexts:

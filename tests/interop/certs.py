@@ -12,6 +12,9 @@ is written below the directory given to :class:`TestPKI`; the caller owns
     c.root_path   the root that issued it (root.pem, or other_root.pem)
     c.uri         "spiffe://cluster.local/ns/default/sa/sleep"
 
+    TestPKI.with_ca(tmpdir, CERT, KEY)         # sign with an existing CA (a lab's)
+    pki.issue("ns", "sa", uris=[A, B])         # a leaf with exactly these URI SANs
+
 Leaves are ECDSA P-256 with an empty subject, a critical SAN holding only
 the URI, EKU serverAuth+clientAuth, like istiod's workload certificates.
 """
@@ -22,6 +25,7 @@ import datetime as _dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -45,6 +49,17 @@ class CertFiles:
 
 
 class _CA:
+    @classmethod
+    def existing(cls, cert_pem: bytes, key_pem: bytes, path: Path) -> "_CA":
+        """A CA made elsewhere (certificate and key in PEM), its certificate copied to ``path``."""
+        ca = cls.__new__(cls)
+        ca.cert = x509.load_pem_x509_certificate(cert_pem)
+        ca.key = serialization.load_pem_private_key(key_pem, password=None)
+        ca.path = path
+        ca.pem = ca.cert.public_bytes(serialization.Encoding.PEM)
+        path.write_bytes(ca.pem)
+        return ca
+
     def __init__(self, name: str, path: Path) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         now = _dt.datetime.now(_dt.timezone.utc)
@@ -80,13 +95,21 @@ class TestPKI:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, tmpdir: str | os.PathLike, trust_domain: str = "cluster.local") -> None:
+    def __init__(self, tmpdir: str | os.PathLike, trust_domain: str = "cluster.local",
+                 _root: tuple[bytes, bytes] | None = None) -> None:
         self.dir = Path(tmpdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.trust_domain = trust_domain
-        self._root = _CA(trust_domain, self.dir / "root.pem")
+        self._root = (_CA.existing(*_root, self.dir / "root.pem") if _root
+                      else _CA(trust_domain, self.dir / "root.pem"))
         self._other: _CA | None = None
         self._n = 0
+
+    @classmethod
+    def with_ca(cls, tmpdir: str | os.PathLike, cert_path: str | os.PathLike, key_path: str | os.PathLike,
+                trust_domain: str = "cluster.local") -> "TestPKI":
+        """Issue from an existing CA (e.g. a lab CA's ca-cert.pem and ca-key.pem)."""
+        return cls(tmpdir, trust_domain, _root=(Path(cert_path).read_bytes(), Path(key_path).read_bytes()))
 
     @property
     def root_path(self) -> str:
@@ -102,9 +125,13 @@ class TestPKI:
         return self._other
 
     def issue(self, ns: str, sa: str, ttl: int = 3600, *, expired: bool = False,
-              other_root: bool = False, trust_domain: str | None = None) -> CertFiles:
+              other_root: bool = False, trust_domain: str | None = None,
+              uris: Sequence[str] | None = None) -> CertFiles:
+        """``uris``: the URI SANs instead of the one SPIFFE id (CertFiles.uri is the first)."""
         ca = self._other_ca() if other_root else self._root
         uri = spiffe_uri(ns, sa, trust_domain or self.trust_domain)
+        names = list(uris) if uris is not None else [uri]
+        uri = names[0] if names else uri
         key = ec.generate_private_key(ec.SECP256R1())
         now = _dt.datetime.now(_dt.timezone.utc)
         if expired:
@@ -118,7 +145,7 @@ class TestPKI:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before).not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in names]),
                            critical=True)  # empty subject => SAN must be critical (RFC 5280)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,

@@ -342,6 +342,62 @@ def test_garbage_stdin_is_code_6(lab, stdin):
     assert result.code == 1 and result.out["code"] == 6 and result.out["cniVersion"] == "1.0.0", result
 
 
+def _with_raw(config: bytes, key: str, raw_json: str) -> bytes:
+    """``config`` with ``"key": raw_json`` spliced in verbatim (JSON that json.dumps cannot make)."""
+    return config[:-1] + f', "{key}": {raw_json}}}'.encode()
+
+
+DEEP = "[" * 30000 + "]" * 30000                 # 60 KB; json.loads alone raises RecursionError
+HUGE_INT = "7" * 5000                           # over CPython's 4,300-digit int limit
+HOSTILE_CONFIGS = {
+    "deep prevResult": ("prevResult", DEEP, "nested deeper than"),
+    "deep prevResult.ips": ("prevResult", '{"cniVersion": "1.0.0", "ips": ' + DEEP + "}", "nested deeper than"),
+    "5000-digit number in prevResult": (
+        "prevResult", '{"cniVersion": "1.0.0", "ips": [{"address": "198.18.0.5/24", "interface": '
+        + HUGE_INT + "}]}", "more than 64 digits"),
+    "5000-digit number in the config": ("agent_timeout_seconds", HUGE_INT, "more than 64 digits"),
+    "5000-digit float in the config": ("agent_timeout_seconds", HUGE_INT + ".5", "more than 64 digits"),
+}
+
+
+@pytest.mark.parametrize("key, raw, detail", HOSTILE_CONFIGS.values(), ids=list(HOSTILE_CONFIGS))
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "DEL"])
+def test_hostile_json_is_a_cni_error_not_a_traceback(lab, key, raw, detail, command):
+    lab.write_state(ns_labels=AMBIENT)
+    agent = lab.agent()
+    config = lab.config(prev=None if key == "prevResult" else PREV_100)
+    result = lab.run(_with_raw(config, key, raw), lab.env(command))
+    assert result.code == 1, result
+    assert result.out == {"cniVersion": "1.0.0", "code": 6, "msg": "network configuration refused",
+                          "details": result.out["details"]}, result
+    assert detail in result.out["details"]
+    assert "Traceback" not in result.stderr and len(result.stderr) < 300, result.stderr
+    assert agent.requests == []
+
+
+@pytest.mark.parametrize("content", [
+    '{"kind": "List", "items": ' + DEEP + "}",
+    '{"kind": "List", "items": [{"kind": "Pod", "metadata": {"name": "web", "namespace": "mesh", '
+    '"generation": ' + HUGE_INT + "}}]}",
+    "kind: List\nitems: " + DEEP + "\n",
+], ids=["deep JSON", "5000-digit number", "deep YAML"])
+def test_hostile_state_file_is_try_again_later_not_a_traceback(lab, content):
+    lab.state.write_text(content.replace("\\n", "\n"))
+    result = lab.add()
+    assert result.code == 1 and result.out["code"] == 11, result
+    assert result.out["msg"] == "cluster state unreadable"
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_deeply_nested_agent_reply_is_try_again_later(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(raw=DEEP.encode() + b"\n")
+    result = lab.add()
+    assert result.code == 1 and result.out["code"] == 11, result
+    assert "answered with something other than a JSON object" in result.out["details"]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("missing", ["CNI_COMMAND", "CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS"])
 def test_missing_environment_is_code_4_naming_the_variable(lab, missing):
     lab.write_state(ns_labels=AMBIENT)

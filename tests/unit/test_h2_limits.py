@@ -345,3 +345,24 @@ def test_data_on_a_stream_we_reset_keeps_the_connection_and_its_window(tmp_path)
         peer.close()
         server.close()
     asyncio.run(main())
+
+
+def test_closed_streams_remembered_per_connection_are_bounded():
+    """A peer that opens and ends streams by the tens of thousands (or has
+    them refused) must not grow the connection's memory of closed streams
+    past a bound (h2's default 65,536 cost ~11 MB per connection)."""
+    from agent.proxy.h2conn import _HboneH2
+    server = _HboneH2(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    for _ in range(6000):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, connect_headers(), end_stream=True)
+        for event in server.receive_data(client.data_to_send()):
+            if isinstance(event, h2.events.RequestReceived):
+                server.send_headers(event.stream_id, [(":status", "200")], end_stream=True)
+        client.receive_data(server.data_to_send())
+    assert len(server._closed_streams) <= _HboneH2.MAX_CLOSED_STREAMS == 4096
