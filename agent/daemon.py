@@ -1,24 +1,42 @@
 """`ambient-agent run`: one node's agent.
 
 Start-up order: state source first (the rule needs it), then the BPF data
-path (replacing a previous agent's programs without a gap), then re-adoption
-of the pods a previous agent captured, then the control socket the CNI
-plugin talks to. After that, every state change is reconciled.
+path (replacing a previous agent's programs without a gap), then, if an agent
+still serves the node, the handover request that stops it from changing
+anything, then re-adoption of the pods a previous agent captured, then the
+control socket the CNI plugin talks to (replacing it is what tells a running
+agent to let go), then the node's metrics, readiness and admin ports. After
+that, every state change is reconciled.
+
+Upgrade on a node (docs/ARCHITECTURE.md, "Agent upgrade"): both agents run
+at once for a while. The new one asks the running one to hand over (``{"op":
+"handover"}``): it freezes (no CNI request, reconcile or BPF change; readiness
+false) while still serving traffic. The new agent opens its own SO_REUSEPORT
+listeners in every captured pod, points the BPF steering at them and binds the
+control socket. The old agent sees its socket path replaced, closes its node
+ports and its pod listeners (connections waiting in them move to the new
+ones, ``tcp_migrate_req``), drains its open connections for
+``--drain-seconds`` and exits. If the new agent exits before it binds the
+control socket, the old one resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import contextlib
 import logging
 import os
+import select
 import signal
 from dataclasses import dataclass
 
-from agent import eventloop
+from agent import control, eventloop
 from agent.capture.datapath import DEFAULT_CGROUP, CaptureDatapath, CaptureError
+from agent.heap import IdleHeapTrimmer
 from agent.capture.inpod import InPodCapture, PodListeners
-from agent.control import CniAdd, CniDel, ControlServer, Request, StatusRequest
+from agent.control import CniAdd, CniDel, ControlServer, Handover, Request, StatusRequest
 from agent.enrol import discover
 from agent.enrol.reconcile import (AddAction, Unrecorded, add_action, annotation_changes, desired,
                                    plan, unrecorded)
@@ -38,6 +56,24 @@ from agent.state.source import STATE_URL_HELP, open_state_source
 from agent.state.model import ClusterState, StateError
 
 log = logging.getLogger("agent")
+
+# How often a handing-over agent looks at its control socket path and at the
+# new agent's process, and how often every agent checks that its socket path
+# is still its own (an agent that took over without asking).
+TAKEOVER_POLL_SECONDS = 0.05
+CONTROL_PATH_CHECK_SECONDS = 1.0
+# A new agent's handover request waits at most this long: the running agent
+# first finishes the capture change it is making (one pod's, milliseconds).
+HANDOVER_REQUEST_TIMEOUT = 30.0
+AFTER_HANDOVER = ("exit", "wait")
+
+
+class HandoverError(RuntimeError):
+    """A running agent could not be asked to hand the node over."""
+
+
+class HandingOver(Exception):
+    """Raised to refuse a change while this agent hands the node over."""
 
 
 @dataclass
@@ -59,6 +95,10 @@ class AgentConfig:
     ready_addr: tuple[str, int] = ("0.0.0.0", 15021)
     admin_addr: tuple[str, int] = ("127.0.0.1", 15000)
     access_log_json: bool = False
+    # After handing the node over and draining: exit, or stay idle until
+    # SIGTERM. A DaemonSet restarts a container that exits, and the restarted
+    # (old) agent would take the node back: the chart uses "wait".
+    after_handover: str = "exit"
     # How often every pod of the node is checked against the rule and its BPF
     # state (state changes trigger a check at once as well).
     reconcile_seconds: float = 10.0
@@ -120,11 +160,23 @@ class NodeAgent:
         # not fix (pod key -> problem), shown by `status` and /config_dump.
         self._wake = asyncio.Event()
         self.unresolved: dict[str, str] = {}
+        self._pin_problem = ""        # deleted pins that could not be restored, logged once
         self._annotation_errors: dict[str, str] = {}
+        # Handover (upgrade): every change to captures, records and BPF state
+        # is made holding this lock, one pod at a time; a handover takes it
+        # and keeps it, so the new agent reads records no one changes.
+        self._changes = asyncio.Lock()
+        self._handover_to: int | None = None     # pid of the agent taking the node over
+        self._handed_over = False                # ... and it did
+        self._terminate = asyncio.Event()        # SIGTERM/SIGINT (the stop that ends "wait")
+        self._takeover: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal)
         try:
             self.state = self.source.load()
             self._synced = True
@@ -133,26 +185,56 @@ class NodeAgent:
             # keep their capture (fail closed), and the watcher picks up the
             # first readable version.
             log.error("cluster state unreadable at start, waiting for a good one: %s", exc)
-        loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.datapath.load)
         self._bpf_ready = True
         if self.identities is not None:
             self.identities.start()
-        await self._readopt()
+        previous = await self._request_handover()
+        if not self._stopping.is_set():
+            await self._readopt()
+        if self._stopping.is_set():
+            # Stopped while starting: the node is not taken. An agent frozen
+            # for us resumes when this process is gone (and points the
+            # steering back at its own listeners).
+            log.info("stopped before serving the node; %s", "the running agent resumes"
+                     if previous is not None else "capture stays in place")
+            return
+        if previous is not None:
+            self._forget_unused_identities()
+        # Replacing the socket file is the moment the previous agent lets go.
         await self.control.start()
-        await self.admin.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        # The previous agent closes the node's ports right after; until then
+        # binding them is retried (admin.py explains why not SO_REUSEPORT).
+        await self.admin.start(retry_busy=previous is not None, stop=self._stopping)
         watcher = asyncio.ensure_future(self.source.watch(self._on_state))
         reconciler = asyncio.ensure_future(self._reconcile_loop())
-        log.info("node agent for %s ready: %d pods known, %d captured",
-                 self.config.node, len(self.known), len(self.captured))
+        trimmer = asyncio.ensure_future(IdleHeapTrimmer().run())   # agent/heap.py
+        guard = asyncio.ensure_future(self._guard_control_path())
+        # Everything built so far (modules, the first state, the pods' set-up)
+        # lives for the whole run: move it out of the collector's sight. A full
+        # collection otherwise walks every one of those objects, a pause of
+        # milliseconds on the data path's only thread each time (issue 15's tail).
+        gc.collect()
+        gc.freeze()
+        log.info("node agent for %s ready (pid %d): %d pods known, %d captured%s",
+                 self.config.node, os.getpid(), len(self.known), len(self.captured),
+                 "" if previous is None else f", taken over from pid {previous}" if previous > 0
+                 else ", taken over")
         try:
             await self._stopping.wait()
         finally:
             watcher.cancel()
             reconciler.cancel()
+            trimmer.cancel()
+            guard.cancel()
             await self.shutdown()
+        if self._handed_over and self.config.after_handover == "wait" and not self._terminate.is_set():
+            log.info("node handed over and connections drained; idle until SIGTERM")
+            await self._terminate.wait()
+
+    def _on_stop_signal(self) -> None:
+        self._terminate.set()
+        self._stopping.set()
 
     async def shutdown(self) -> None:
         """Stop accepting, let connections drain, exit.
@@ -160,11 +242,19 @@ class NodeAgent:
         Capture stays in place: after exit the pods' connections are refused
         (fail closed) until an agent runs again.
         """
-        log.info("shutting down: draining connections for up to %.1f s", self.config.drain_seconds)
+        log.info("%s: draining connections for up to %.1f s",
+                 self._handover_text() if self._handed_over else "shutting down", self.config.drain_seconds)
         self._stopping.set()      # readiness goes false first
+        if self._handed_over:
+            # The node's ports belong to the new agent now: it is retrying to
+            # bind them, and the kubelet's probes must reach it, not us.
+            await self.admin.close()
         await self.control.close()
         for pod in list(self.captured.values()):
             await pod.proxy.stop_accepting()
+            # After a handover the BPF steering points at the new agent's
+            # listeners; closing ours moves the connections still queued in
+            # them to the new ones (tcp_migrate_req, capture/inpod.py).
             for sock in pod.listeners.all():
                 sock.close()
         await self.plane.pool.close(graceful=True)
@@ -175,6 +265,193 @@ class NodeAgent:
         await self.admin.close()
         self.datapath.close()
         self.switcher.close()
+        log.info("connections drained; %s", "the node is the new agent's" if self._handed_over
+                 else "capture stays in place (fail closed)")
+
+    # -- handover (upgrade on a node) ------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _changing(self):
+        """The right to change captures, records and BPF state, for one step.
+
+        Raises HandingOver once a handover has begun: the agent taking over
+        reads the records and sets the BPF state from then on. Also once the
+        control socket path names another agent's socket, before
+        _guard_control_path has noticed: an agent taken over without a
+        handover (it was stopped) must not change anything when it runs again.
+        """
+        self._refuse_if_taken()
+        async with self._changes:
+            self._refuse_if_taken()
+            yield
+
+    def _refuse_if_taken(self) -> None:
+        if self._handover_to is not None:
+            raise HandingOver(f"this agent is handing the node over to the agent with pid "
+                              f"{self._handover_to}; try again")
+        if self.control.path_state() == "replaced":
+            raise HandingOver(f"{self.control.path} belongs to another agent now")
+
+    async def _request_handover(self) -> int | None:
+        """If an agent serves this node, have it stop changing anything; its pid.
+
+        None when no agent listens on the control socket (none runs, or a
+        dead one left its socket file); -1 for one whose pid is unknown (it
+        does not answer, or it predates handovers). Before asking, this agent gets
+        certificates for the identities the node's pods run as: from the
+        handover on, their HBONE connections reach this agent, and it must be
+        able to complete their TLS handshakes.
+        """
+        path = self.control.path
+        loop = asyncio.get_running_loop()
+        try:
+            status = await loop.run_in_executor(None, control.request, path, {"op": "status"}, 5.0)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except (OSError, ValueError) as exc:
+            # Something listens but does not answer (a stopped or wedged
+            # agent): take the node without its consent. Once it runs again it
+            # finds its socket replaced and lets go (_guard_control_path).
+            log.warning("the agent on control socket %s does not answer (%s); taking the node over "
+                        "without a handover", path, exc)
+            return -1
+        running = status.get("pid") if isinstance(status.get("pid"), int) else None
+        log.info("an agent (pid %s) serves this node; preparing to take it over", running or "?")
+        await self._await_certificates()
+        if self._stopping.is_set():
+            return None          # stopped while waiting: the running agent was never asked
+        try:
+            reply = await loop.run_in_executor(None, control.request, path, {"op": "handover"},
+                                               HANDOVER_REQUEST_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise HandoverError(f"the running agent (pid {running or '?'}) did not answer the handover "
+                                f"request on {path}: {exc}") from None
+        if reply.get("ok") is not True:
+            error = str(reply.get("error") or reply)
+            if "unknown op" in error:
+                # An agent from before handovers. Its pod listeners lack
+                # SO_REUSEPORT, so ours cannot open beside them: those pods are
+                # reported and retried by the node reconciler until it exits.
+                log.warning("the running agent (pid %s) cannot hand over (%s); its pods are "
+                            "re-adopted once it exits", running or "?", error)
+                return running or -1
+            raise HandoverError(f"the running agent (pid {running or '?'}) refused the handover: {error}")
+        log.info("the running agent (pid %s) has stopped changing the node; taking it over",
+                 reply.get("pid", running))
+        return reply.get("pid", running) or -1
+
+    async def _await_certificates(self) -> None:
+        if self.identities is None:
+            return
+        wanted = set()
+        for rec in self.records.load_all():
+            if rec.enrolled:
+                # As _capture will name it: the service account in the state wins.
+                pod = self.state.pod(rec.namespace, rec.name)
+                sa = ((pod.get("spec") or {}).get("serviceAccountName") or "default") if pod is not None \
+                    else rec.service_account
+                wanted.add(f"spiffe://{self.config.trust_domain}/ns/{rec.namespace}/sa/{sa}")
+        for identity in wanted:
+            self.identities.track(identity)
+        last_log = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            pending = sorted(c["identity"] for c in self.identities.status()
+                             if c["identity"] in wanted and c["state"] != "valid")
+            if not pending:
+                return
+            if loop.time() - last_log >= 10.0:
+                # The running agent keeps serving meanwhile: waiting costs nothing.
+                log.info("waiting for certificates of %s before taking the node over", ", ".join(pending))
+                last_log = loop.time()
+            await asyncio.sleep(0.1)
+
+    def _forget_unused_identities(self) -> None:
+        """Identities fetched for records that did not become captures."""
+        if self.identities is None:
+            return
+        for held in self.identities.status():
+            self._forget_identity(held["identity"])
+
+    async def _prepare_handover(self, req: Handover) -> dict:
+        """Freeze for the agent of pid ``req.pid``, which is about to take the node over."""
+        if self._handover_to is not None:
+            return {"ok": False, "error": f"already handing the node over to the agent with pid {self._handover_to}"}
+        if self._stopping.is_set():
+            return {"ok": False, "error": "this agent is shutting down"}
+        if req.pid <= 0 or req.pid == os.getpid():
+            return {"ok": False, "error": f"handover requested by an unknown process (pid {req.pid})"}
+        try:
+            # Taken while the requester is connected, so the pid is its own.
+            pidfd = os.pidfd_open(req.pid)
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot watch the requesting process {req.pid}: {exc.strerror}"}
+        self._handover_to = req.pid       # readiness false; CNI requests and reconciles refused
+        log.info("agent pid %d asked for the node: frozen until it takes over; still serving traffic", req.pid)
+        try:
+            await self._changes.acquire()     # the one change in progress, if any, completes
+        except BaseException:
+            os.close(pidfd)
+            raise
+        self._takeover = asyncio.ensure_future(self._await_takeover(req.pid, pidfd))
+        return {"ok": True, "pid": os.getpid(), "captured": sorted(self.captured)}
+
+    async def _await_takeover(self, pid: int, pidfd: int) -> None:
+        """Let go once the new agent has bound the control socket; resume if it died first."""
+        try:
+            while not self._stopping.is_set():
+                if self.control.path_state() == "replaced":
+                    log.info("agent pid %d bound %s: it serves the node now", pid, self.control.path)
+                    self._handed_over = True
+                    self._stopping.set()
+                    return
+                if select.select([pidfd], [], [], 0)[0]:      # readable: the process exited
+                    log.warning("agent pid %d exited before it took the node over; serving on", pid)
+                    self._resume()
+                    return
+                await asyncio.sleep(TAKEOVER_POLL_SECONDS)
+        finally:
+            os.close(pidfd)
+
+    def _resume(self) -> None:
+        """Undo a freeze: the handover did not happen."""
+        # The new agent may have pointed the steering at its listeners, which
+        # closed when it exited (the sockhash drops closed sockets): point it
+        # back at ours.
+        for key, pod in self.captured.items():
+            try:
+                self.inpod.enable(pod.listeners, pod.ips, pod.gateways)
+            except OSError as exc:      # the reconciler's capture check retries it
+                log.error("pod %s: could not point the steering back at this agent: %s", key, exc)
+        self._handover_to = None
+        self._changes.release()
+        self._wake.set()
+
+    async def _guard_control_path(self) -> None:
+        """Stop if another agent took the control socket without a handover.
+
+        Two agents changing one node's BPF state would undo each other's
+        steering; the one that owns the socket (which the CNI plugin reaches)
+        keeps the node.
+        """
+        missing_logged = False
+        while True:
+            await asyncio.sleep(CONTROL_PATH_CHECK_SECONDS)
+            if self._handover_to is not None:
+                continue
+            state = self.control.path_state()
+            if state == "replaced":
+                log.error("%s now belongs to another agent, which did not ask for a handover; "
+                          "stopping so that one agent alone manages the node", self.control.path)
+                self._handover_to = -1
+                self._handed_over = True
+                self._stopping.set()
+                return
+            if state == "missing" and not missing_logged:
+                # Not recreated: the path may be missing because a new agent
+                # is between unlinking and binding it.
+                log.error("%s was removed: the CNI plugin cannot reach this agent", self.control.path)
+            missing_logged = state == "missing"
 
     async def _readopt(self) -> None:
         """Take back the pods a previous agent captured (and forget vanished ones)."""
@@ -352,23 +629,24 @@ class NodeAgent:
         failed = {}
         for change in plan(list(self.known.values()), self.state, self.config.excluded_namespaces):
             rec = change.record
-            if self.known.get(rec.key) is not rec:
-                continue      # replaced by a CNI request while an earlier change was awaited
-            rec.reason = change.reason
-            if change.enrol:
-                try:
-                    previous = self._capture(rec)
-                    log.info("pod %s: captured (%s)", rec.key, change.reason)
-                except OSError as exc:
-                    log.error("pod %s: capture failed: %s", rec.key, exc)
-                    failed[rec.key] = f"capture failed: {exc}"
-                    continue
-                await self._retire(previous)
-            else:
-                retired = self._release(rec)
-                self.records.save(rec)
-                log.info("pod %s: released (%s)", rec.key, change.reason)
-                await self._retire(retired)
+            async with self._changing():
+                if self.known.get(rec.key) is not rec:
+                    continue      # replaced by a CNI request while an earlier change was awaited
+                rec.reason = change.reason
+                if change.enrol:
+                    try:
+                        previous = self._capture(rec)
+                        log.info("pod %s: captured (%s)", rec.key, change.reason)
+                    except OSError as exc:
+                        log.error("pod %s: capture failed: %s", rec.key, exc)
+                        failed[rec.key] = f"capture failed: {exc}"
+                        continue
+                    await self._retire(previous)
+                else:
+                    retired = self._release(rec)
+                    self.records.save(rec)
+                    log.info("pod %s: released (%s)", rec.key, change.reason)
+                    await self._retire(retired)
         return failed
 
     # -- live enrolment: the node reconciler ---------------------------------
@@ -389,6 +667,8 @@ class NodeAgent:
                 await self.reconcile_node()
             except asyncio.CancelledError:
                 raise
+            except HandingOver:
+                pass               # the agent taking over reconciles from now on
             except Exception:      # a bug here must not stop the agent or later checks
                 log.exception("node reconcile failed")
             try:
@@ -403,15 +683,19 @@ class NodeAgent:
         # What cannot be fixed is collected afresh on every run, so a pod
         # stays reported exactly as long as its problem lasts.
         problems: dict[str, str] = {}
+        # Each step that changes a pod holds _changing() (HandingOver ends the
+        # run); the scan and the API calls between them do not.
         await self._drop_vanished()
         problems.update(await self._reconcile())
-        problems.update(self._verify_capture())
+        async with self._changing():
+            problems.update(self._verify_capture())
         missing = unrecorded(self.state, self.config.node, self.known, self.config.excluded_namespaces)
         if missing:
             views = await loop.run_in_executor(None, discover.scan, self.switcher,
                                                self.config.host_proc, self.config.netns_dirs)
             for pod in missing:
-                problem = await self._adopt_running(pod, discover.match(views, pod.ips))
+                async with self._changing():
+                    problem = await self._adopt_running(pod, discover.match(views, pod.ips))
                 if problem:
                     problems[pod.key] = problem
         for key, problem in problems.items():
@@ -450,19 +734,33 @@ class NodeAgent:
     async def _drop_vanished(self) -> None:
         """Forget pods whose network namespace is gone (DEL missed while we were away)."""
         for key, rec in list(self.known.items()):
-            if self.known.get(key) is not rec or os.path.exists(rec.netns):
-                continue
-            retired = self._release(rec)
-            self.records.remove(rec)
-            del self.known[key]
-            log.info("pod %s: network namespace %s is gone; forgotten", key, rec.netns)
-            await self._retire(retired)
+            async with self._changing():
+                if self.known.get(key) is not rec or os.path.exists(rec.netns):
+                    continue
+                retired = self._release(rec)
+                self.records.remove(rec)
+                del self.known[key]
+                log.info("pod %s: network namespace %s is gone; forgotten", key, rec.netns)
+                await self._retire(retired)
 
     def _verify_capture(self) -> dict[str, str]:
         """Captured pods' BPF state must be whole; what is missing is put back.
 
-        Returns the pods whose state could not be restored.
+        Returns the pods whose state could not be restored. Deleted map pins
+        are pinned again first, from the fds the agent holds (issue 11).
         """
+        try:
+            restored = self.datapath.restore_pins()
+            self._pin_problem = ""
+        except OSError as exc:
+            restored = []
+            if self._pin_problem != str(exc):
+                log.error("BPF pins deleted from %s cannot be pinned again: %s; a restarted agent "
+                          "would lose every pod's capture state", self.config.pin_dir, exc)
+            self._pin_problem = str(exc)
+        if restored:
+            log.warning("BPF pins %s were deleted from %s; pinned again from the agent's own fds",
+                        ", ".join(restored), self.config.pin_dir)
         failed = {}
         for key, pod in self.captured.items():
             rec = self.known.get(key)
@@ -489,6 +787,8 @@ class NodeAgent:
             return
         loop = asyncio.get_running_loop()
         for ns, name, value in annotation_changes(self.state, self.config.node, set(self.captured)):
+            if self._handover_to is not None:
+                return        # the agent taking over owns the annotations now
             key = f"{ns}/{name}"
             try:
                 await loop.run_in_executor(None, annotate, ns, name,
@@ -513,12 +813,20 @@ class NodeAgent:
     # -- control requests --------------------------------------------------
 
     async def handle(self, request: Request) -> dict:
-        if isinstance(request, CniAdd):
-            return await self._cni_add(request)
-        if isinstance(request, CniDel):
-            return await self._cni_del(request)
+        if isinstance(request, (CniAdd, CniDel)):
+            try:
+                async with self._changing():
+                    if isinstance(request, CniAdd):
+                        return await self._cni_add(request)
+                    return await self._cni_del(request)
+            except HandingOver as exc:
+                # The CNI plugin fails the ADD with "try again later" (code 11);
+                # the kubelet retries and reaches the new agent.
+                return {"ok": False, "error": str(exc)}
         if isinstance(request, StatusRequest):
             return self.status()
+        if isinstance(request, Handover):
+            return await self._prepare_handover(request)
         return {"ok": False, "error": f"unsupported request {type(request).__name__}"}
 
     async def _cni_add(self, req: CniAdd) -> dict:
@@ -608,6 +916,8 @@ class NodeAgent:
 
     def readiness(self) -> tuple[bool, str]:
         """Ready only with BPF attached, the state synced and every held identity certified."""
+        if self._handover_to is not None:
+            return False, self._handover_text()
         if self._stopping.is_set():
             return False, "shutting down"
         if not self._bpf_ready:
@@ -620,11 +930,18 @@ class NodeAgent:
                 return False, f"no valid certificate yet for {', '.join(waiting)}"
         return True, "ready"
 
+    def _handover_text(self) -> str:
+        if self._handover_to == -1:
+            return "another agent took the node over"
+        return (f"handed the node over to the agent with pid {self._handover_to}" if self._handed_over
+                else f"handing the node over to the agent with pid {self._handover_to}")
+
     def config_dump(self) -> dict:
         """Everything the agent believes, for /config_dump (no private keys: none are put here)."""
         policies = self.policies()
         return {
             "node": self.config.node,
+            "pid": os.getpid(),
             "state_source": {"url": self.config.state_url, "version": self.state.resource_version,
                              "synced": self._synced,
                              **({"sync": self.source.sync_status()} if hasattr(self.source, "sync_status") else {})},
@@ -656,7 +973,9 @@ class NodeAgent:
                 "counters": self.counters.get(key, PodCounters()).as_dict(),
                 "connections": self.plane.log.recent(key),
             })
-        return {"ok": True, "node": self.config.node, "pods": pods,
+        return {"ok": True, "node": self.config.node, "pid": os.getpid(),
+                **({"handover": self._handover_text()} if self._handover_to is not None else {}),
+                "pods": pods,
                 "state_version": self.state.resource_version,
                 "not_captured": [{"pod": k, "problem": v} for k, v in sorted(self.unresolved.items())],
                 "capture": self.datapath.stats(),
@@ -690,7 +1009,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to wait for an upstream connection")
     p.add_argument("--drain-seconds", type=float, default=5.0,
-                   help="on SIGTERM, how long open connections may finish")
+                   help="on SIGTERM or after handing the node over to a new agent, "
+                        "how long open connections may finish")
+    p.add_argument("--after-handover", choices=AFTER_HANDOVER, default="exit",
+                   help="once the node is handed over to a new agent and connections are drained: "
+                        "exit, or wait for SIGTERM (under a DaemonSet, which would restart an exited "
+                        "container and with it the old agent)")
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
     p.add_argument("--ca-address", default="", help="host:port of the CA (Istio's certificate API)")
     p.add_argument("--ca-root", default="", help="PEM file with the CA's root: verifies the CA and is the mesh trust bundle")
@@ -728,6 +1052,7 @@ def _run(args: argparse.Namespace) -> int:
         token_file=args.token_file, root_namespace=args.root_namespace,
         metrics_addr=_addr(args.metrics_addr), ready_addr=_addr(args.ready_addr),
         admin_addr=_addr(args.admin_addr), access_log_json=args.access_log_json,
+        after_handover=args.after_handover,
         reconcile_seconds=args.reconcile_seconds, host_proc=args.host_proc,
         netns_dirs=tuple(args.netns_dirs) if args.netns_dirs else discover.PINNED_NETNS_DIRS,
     )
@@ -738,6 +1063,9 @@ def _run(args: argparse.Namespace) -> int:
         eventloop.run(NodeAgent(config).run, args.event_loop)
     except CaptureError as exc:
         log.error("cannot start capture: %s", exc)
+        return 1
+    except HandoverError as exc:
+        log.error("cannot take the node over: %s", exc)
         return 1
     except StateError as exc:   # a bad --state or kubeconfig; an unreachable API is retried
         log.error("cannot open the cluster state source: %s", exc)

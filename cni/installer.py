@@ -14,16 +14,25 @@ it from /proc, see docs/ARCHITECTURE.md).
 On SIGTERM/SIGINT with ``--uninstall-on-exit`` it restores the configs (byte
 for byte when untouched since), deletes the plugin and the kubeconfig.
 
+During an upgrade two installers run on a node (the chart surges the
+DaemonSet: the new pod starts beside the old one). ``NodeClaim`` keeps them
+from fighting: the newest one started manages the node, the other stands by,
+and only the last one to exit uninstalls. Otherwise the old pod's exit would
+unchain ambient-cni for up to a second, and pods started in that second
+would run uncaptured until the agent's reconciler found them.
+
 Every file is written atomically: a temporary file in the same directory,
 fsync, rename, fsync of the directory.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -243,16 +252,99 @@ class ConfDir:
         return True
 
 
+# -- several installers on one node (upgrades) ----------------------------------------------------
+
+LOCK_NAME = ".ambient-cni.lock"     # hidden: never a CNI config candidate (install.is_candidate)
+OWNER_NAME = ".ambient-cni.owner"
+
+
+class NodeClaim:
+    """Which of the installers running on a node manages it.
+
+    ``.ambient-cni.lock`` in the config dir: every running installer holds a
+    shared flock on it, so an exiting one learns whether it is the last (only
+    then is an exclusive lock granted, and only then may it uninstall).
+    ``.ambient-cni.owner``: the token of the installer that manages the node,
+    the one started last (the new version during an upgrade); the others
+    stand by. An owner that exits while others run removes its token, and the
+    next installer to look claims the node. Both files go with the last
+    installer. flock works across containers: they share the host's kernel
+    and the hostPath.
+    """
+
+    def __init__(self, conf_dir: str, token: str | None = None) -> None:
+        self.lock_path = os.path.join(conf_dir, LOCK_NAME)
+        self.owner_path = os.path.join(conf_dir, OWNER_NAME)
+        # Unique across containers, whose pids may be equal (each has its own pid namespace).
+        self.token = (token or f"{os.getpid()}-{secrets.token_hex(8)}").encode()
+        self._fd: int | None = None
+
+    def join(self) -> None:
+        """Count this installer in (shared lock) and make it the owner: it is the newest."""
+        self._fd = self._open_locked(fcntl.LOCK_SH)
+        atomic_write(self.owner_path, self.token, 0o600)
+
+    def _open_locked(self, op: int) -> int:
+        # The last installer unlinks the lock file; one that opened it just
+        # before must not keep a lock on the unlinked file, which the next
+        # installer could not see: lock, then check the path still names it.
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, op)
+            try:
+                st = os.stat(self.lock_path)
+            except FileNotFoundError:
+                st = None
+            mine = os.fstat(fd)
+            if st is not None and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+            os.close(fd)
+
+    def owns(self) -> bool:
+        """Is this installer the one that manages the node (claiming it if nobody does)?"""
+        current = _read(self.owner_path)
+        if current is None:
+            atomic_write(self.owner_path, self.token, 0o600)
+            current = _read(self.owner_path)
+            if current == self.token:
+                log.info("the installer that managed this node has left: this one takes over")
+        return current == self.token
+
+    def leave(self) -> bool:
+        """Stop taking part; True if this was the last installer (it may uninstall; call ``finish``)."""
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if _read(self.owner_path) == self.token:
+                _unlink(self.owner_path)       # another installer takes over at its next round
+            os.close(self._fd)
+            self._fd = None
+            return False
+        return True
+
+    def finish(self) -> None:
+        """The last installer's files go (under the exclusive lock)."""
+        _unlink(self.owner_path)
+        _unlink(self.lock_path)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 # -- the installer ---------------------------------------------------------------------------------
 
 class Installer:
     def __init__(self, plugin: PluginFiles, conf_dir: str, entry: dict,
-                 kubeconfig_out: str | None, kubeconfig_source: KubeconfigSource | None) -> None:
+                 kubeconfig_out: str | None, kubeconfig_source: KubeconfigSource | None,
+                 claim: NodeClaim | None = None) -> None:
         self.plugin = plugin
         self.conf = ConfDir(conf_dir)
         self.entry = entry
         self.kubeconfig_out = kubeconfig_out
         self.kubeconfig_source = kubeconfig_source
+        # None: the only installer (--once, --uninstall); else it acts only while it owns the node.
+        self.claim = claim
         self._last_report: str | None = None
 
     def _report(self, level: int, message: str) -> None:
@@ -263,6 +355,11 @@ class Installer:
 
     def check(self) -> str:
         """One round: plugin, kubeconfig, config. Returns the config's status."""
+        if self.claim is not None and not self.claim.owns():
+            # A newer installer (an upgrade in progress) manages the node:
+            # two would swap the plugin link back and forth every round.
+            self._report(logging.INFO, "a newer install-cni manages this node; standing by")
+            return "standby"
         if self.plugin.ensure():
             log.info("plugin installed: %s", self.plugin.target)
         if self.kubeconfig_source is not None and self.kubeconfig_out:
@@ -428,9 +525,19 @@ def main(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    installer.claim = NodeClaim(args.cni_conf_dir)
+    try:
+        installer.claim.join()
+    except OSError as exc:
+        log.error("cannot take part in %s: %s", installer.claim.lock_path, exc)
+        return 1
     log.info("watching %s every %g s (plugin %s, agent socket %s, state %s)", args.cni_conf_dir,
              args.poll_interval, installer.plugin.target, args.agent_socket, args.state)
     run_loop(installer, args.poll_interval, stop)
+    if not installer.claim.leave():
+        log.info("another install-cni runs on this node (an upgrade): ambient-cni stays installed")
+        return 0
     if args.uninstall_on_exit:
         installer.uninstall()
+    installer.claim.finish()
     return 0

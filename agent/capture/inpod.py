@@ -11,6 +11,16 @@ Inbound listeners are bound to loopback on purpose: they are reachable only
 through sk_lookup steering, so when the agent is gone they disappear from
 the sockhash and the pod's ports refuse connections (fail closed).
 
+Every listener is SO_REUSEPORT, so that during an upgrade a second agent can
+open its own set beside the running agent's (the same ports in the same
+namespace; both run as root, which the kernel requires of a reuseport
+group) and take over without a moment in which a port has no listener
+(docs/ARCHITECTURE.md, "Agent upgrade"). The kernel spreads new connections
+over a group by hash, so the old agent must close its listeners once the new
+ones are in place; ``tcp_migrate_req=1`` in the pod's namespace makes that
+close move the connections still waiting in the old listeners' accept
+queues (and half-open ones) to the new listener instead of resetting them.
+
 Order matters. Enrol: listeners, then inbound steering, then the outbound
 switch (pod_config), so no captured connection ever finds no listener
 while the agent is alive. Release: the reverse.
@@ -31,6 +41,12 @@ log = logging.getLogger(__name__)
 
 LISTEN_BACKLOG = 1024
 
+# Per network namespace (Linux >= 5.14, Documentation/networking/ip-sysctl.rst):
+# a closing SO_REUSEPORT listener hands its pending connections to another
+# listener of its group instead of resetting them. Written from the netns
+# thread: /proc/sys/net resolves to the namespace of the thread that opens it.
+MIGRATE_REQ_SYSCTL = "sys/net/ipv4/tcp_migrate_req"
+
 
 @dataclass
 class PodListeners:
@@ -48,6 +64,8 @@ def _listen(family: int, addr: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # A new agent binds the same ports while this one still listens (upgrade).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((addr, port))
@@ -59,8 +77,35 @@ def _listen(family: int, addr: str, port: int) -> socket.socket:
     return sock
 
 
-def _open_listeners() -> tuple[list[socket.socket], socket.socket, socket.socket]:
+def enable_request_migration(proc_dirs: tuple[str, ...]) -> str | None:
+    """Set ``tcp_migrate_req=1`` in the calling thread's network namespace.
+
+    Runs inside the pod's namespace (on the netns thread). ``proc_dirs`` are
+    tried in order: the agent's own /proc first; in a container that is not
+    privileged the runtime mounts /proc/sys read-only, and the host's procfs
+    (``--host-proc``, where the chart mounts /proc/sys/net writable) resolves
+    /proc/sys/net by the opening thread's namespace just the same. Returns
+    None once it is set, else why it could not be.
+    """
+    problems = []
+    for proc in proc_dirs:
+        path = os.path.join(proc, MIGRATE_REQ_SYSCTL)
+        try:
+            with open(path) as fh:
+                if fh.read().strip() == "1":
+                    return None
+            with open(path, "w") as fh:
+                fh.write("1")
+            return None
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror or exc}")
+    return "; ".join(problems) or "no procfs to write it in"
+
+
+def _open_listeners(proc_dirs: tuple[str, ...] = ("/proc",)
+                    ) -> tuple[list[socket.socket], socket.socket, socket.socket, str | None]:
     """Runs inside the pod's namespace (on the netns thread)."""
+    migration = enable_request_migration(proc_dirs)
     made: list[socket.socket] = []
     try:
         made.append(_listen(socket.AF_INET, "127.0.0.1", OUTBOUND_PORT))
@@ -78,7 +123,7 @@ def _open_listeners() -> tuple[list[socket.socket], socket.socket, socket.socket
         for sock in made:
             sock.close()
         raise
-    return made[:-2], inbound, hbone
+    return made[:-2], inbound, hbone, migration
 
 
 class InPodCapture:
@@ -89,6 +134,7 @@ class InPodCapture:
         self.datapath = datapath
         self.switcher = switcher
         self.host_proc = host_proc   # for open_netns: the node's namespace is never a pod's
+        self._proc_dirs = tuple(dict.fromkeys(("/proc", host_proc.rstrip("/") or "/")))
 
     def open(self, netns_path: str) -> PodListeners:
         """Validate the namespace at ``netns_path`` and open the pod's listeners in it."""
@@ -100,10 +146,16 @@ class InPodCapture:
         The fd is taken over: kept in the PodListeners, or closed on failure.
         """
         try:
-            outbound, inbound, hbone = self.switcher.run(netns_fd, _open_listeners)
+            outbound, inbound, hbone, migration = self.switcher.run(
+                netns_fd, lambda: _open_listeners(self._proc_dirs))
         except OSError as exc:
             os.close(netns_fd)
             raise OSError(exc.errno, f"open listeners in {netns_path}: {exc.strerror}") from None
+        if migration is not None:
+            # Capture does not depend on it; only an upgrade of the agent
+            # would reset the connections then waiting in the old listeners.
+            log.warning("network namespace %s: cannot set net.ipv4.tcp_migrate_req=1 (%s); an agent "
+                        "upgrade may reset connections still queued in its listeners", netns_path, migration)
         return PodListeners(netns_fd, netns_cookie(inbound), outbound, inbound, hbone)
 
     def enable(self, listeners: PodListeners, ips: list[str], probe_sources: list[str]) -> None:

@@ -128,6 +128,8 @@ class Lab:
         self._lock_fd: int | None = None
         self._lock_depth = 0
         self._agents: dict[str, subprocess.Popen] = {}
+        # Agents replaced by upgrade_agent, by pid, until they are reaped.
+        self._previous_agents: dict[int, subprocess.Popen] = {}
 
     def __repr__(self) -> str:
         return f"Lab({self.name!r}, root={str(self.root)!r})"
@@ -816,9 +818,61 @@ class Lab:
 
     def start_agent(self, node: str, extra_args: Sequence[str] = ()) -> int:
         """Start the node's agent in the node's namespace; wait until it answers."""
-        n = self._node_record(node)
         if self.agent_pid(node):
             raise LabError(f"the agent of node {node} is already running (pid {self.agent_pid(node)})")
+        proc, log_path = self._launch_agent(node, extra_args)
+        self._wait_agent_ready(node, proc, log_path)
+        log.info("lab %s: agent of node %s running, pid %d", self.name, node, proc.pid)
+        return proc.pid
+
+    def upgrade_agent(self, node: str, extra_args: Sequence[str] = ()) -> int:
+        """Start a second agent for ``node`` while its agent runs: an upgrade on a node.
+
+        The new agent asks the running one to hand the node over (same run
+        dir, pin dir and pods; docs/ARCHITECTURE.md, "Agent upgrade"). Returns
+        the new agent's pid once it answers on the control socket, that is
+        once it has taken the node over; the old agent is then draining and
+        exits after its ``--drain-seconds``. The old one stays recorded under
+        ``previous_agents`` until then, so that ``down`` stops it in any case.
+        """
+        old = self._read_records()["agents"].get(node) or {}
+        if not self.agent_pid(node):
+            raise LabError(f"no agent runs on node {node}: nothing to upgrade")
+        with self._records() as rec:
+            rec.setdefault("previous_agents", []).append(dict(old, node=node))
+        old_proc = self._agents.pop(node, None)
+        if old_proc is not None:
+            self._previous_agents[old_proc.pid] = old_proc
+        proc, log_path = self._launch_agent(node, extra_args)
+        try:
+            self._wait_agent_ready(node, proc, log_path, expect_pid=True)
+        except LabError:
+            # The old agent resumes when the new one is gone: it is the node's again.
+            with self._records() as rec:
+                rec["agents"][node] = {k: v for k, v in old.items()}
+                rec["previous_agents"] = [a for a in rec["previous_agents"] if a.get("pid") != old.get("pid")]
+            if old_proc is not None:
+                self._agents[node] = self._previous_agents.pop(old_proc.pid)
+            raise
+        log.info("lab %s: agent of node %s upgraded: pid %s handed over to pid %d",
+                 self.name, node, old.get("pid"), proc.pid)
+        return proc.pid
+
+    def previous_agent_pids(self, node: str) -> list[int]:
+        """Agents of ``node`` replaced by ``upgrade_agent`` that still run (draining)."""
+        if not self.exists():
+            return []
+        alive = []
+        for a in self._read_records().get("previous_agents") or []:
+            proc = self._previous_agents.get(a.get("pid"))
+            if proc is not None and proc.poll() is not None:
+                self._previous_agents.pop(proc.pid, None)   # reaped: no zombie left behind
+            if a.get("node") == node and sysops.process_is(a.get("pid"), a.get("start_time"), str(self.dir)):
+                alive.append(a["pid"])
+        return alive
+
+    def _launch_agent(self, node: str, extra_args: Sequence[str]) -> tuple[subprocess.Popen, Path]:
+        n = self._node_record(node)
         node_dir = self.node_dir(node)
         node_dir.mkdir(parents=True, exist_ok=True)
         cgroup = f"{self.cgroup_root}/{node}/_agent"
@@ -840,11 +894,12 @@ class Lab:
         with self._records() as rec:
             rec["agents"][node].update(pid=proc.pid, start_time=sysops.proc_start_time(proc.pid))
         self._agents[node] = proc
-        self._wait_agent_ready(node, proc, log_path)
-        log.info("lab %s: agent of node %s running, pid %d", self.name, node, proc.pid)
-        return proc.pid
+        return proc, log_path
 
-    def _wait_agent_ready(self, node: str, proc: subprocess.Popen, log_path: Path) -> None:
+    def _wait_agent_ready(self, node: str, proc: subprocess.Popen, log_path: Path,
+                          expect_pid: bool = False) -> None:
+        """Until the agent answers on the control socket (``expect_pid``: the
+        answer must come from ``proc``, not from an agent it takes over from)."""
         deadline = time.monotonic() + self.agent_ready_timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -853,9 +908,9 @@ class Lab:
                                f"{log_path} ends with:\n{_tail_file(log_path)}")
             try:
                 reply = self.agent_request(node, {"op": "status"}, timeout=1.0)
-                if reply.get("ok"):
+                if reply.get("ok") and (not expect_pid or reply.get("pid") == proc.pid):
                     return
-                last = str(reply.get("error") or reply)
+                last = str(reply.get("error") or f"answered by pid {reply.get('pid')}")
             except (OSError, ValueError) as exc:
                 last = str(exc)
             time.sleep(0.1)
@@ -1106,6 +1161,11 @@ class Lab:
                                            AGENT_GRACE, popen=self._agents.get(node)):
                     problems.append(f"agent of node {node} (pid {a['pid']}) did not stop")
         self._agents.clear()
+        for a in (rec or {}).get("previous_agents") or []:
+            if a.get("pid") and not sysops.stop_process(a["pid"], a.get("start_time"), needle, signal.SIGTERM,
+                                                        AGENT_GRACE, popen=self._previous_agents.get(a["pid"])):
+                problems.append(f"previous agent of node {a.get('node')} (pid {a['pid']}) did not stop")
+        self._previous_agents.clear()
         ca = (rec or {}).get("ca") or {}
         if ca.get("pid") and not sysops.stop_process(ca["pid"], ca.get("start_time"), needle, signal.SIGTERM,
                                                      AGENT_GRACE, popen=self._ca_proc):

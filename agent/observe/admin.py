@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import inspect
 import json
@@ -37,6 +38,8 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64           # per listener; more are closed at once
 LINGER_SECONDS = 1.0           # after an error: how long unread input is drained
 LINGER_BYTES = 256 * 1024      # ... and at most how much
+BUSY_RETRY_SECONDS = 0.1       # a port held by the agent being taken over: retried this often
+BUSY_LOG_SECONDS = 30.0        # ... and the wait logged this often
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
@@ -438,16 +441,56 @@ class AdminServer:
     def ports(self) -> dict[str, int]:
         return {name: lst.port for name, lst in self.listeners.items()}
 
-    async def start(self) -> None:
+    async def start(self, retry_busy: bool = False, stop: asyncio.Event | None = None) -> None:
+        """Bind the three listeners.
+
+        ``retry_busy``: a port still in use is retried every 0.1 s until it
+        is free or ``stop`` is set, instead of failing at once. An agent that
+        takes a node over from a running one needs this (docs/ARCHITECTURE.md,
+        "Agent upgrade"): the old agent closes these ports only once the new
+        one has bound the control socket, a moment later. SO_REUSEPORT was
+        the alternative, rejected: the agent runs on the host network, and two
+        agents in one reuseport group would split the kubelet's probes and
+        Prometheus' scrapes between them by connection hash. The new pod's
+        readiness could be answered by the old agent, and two processes'
+        counters would alternate in one time series. This way exactly one
+        agent answers on the node's ports at any moment. (An agent from before
+        handovers holds them until it exits; the wait is logged.)
+        """
         started = []
         try:
             for lst in self.listeners.values():
-                await lst.start()
+                await self._bind(lst, retry_busy, stop)
                 started.append(lst)
         except BaseException:
             for lst in started:
                 await lst.close()
             raise
+
+    @staticmethod
+    async def _bind(lst: HttpListener, retry_busy: bool, stop: asyncio.Event | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiting_since = logged = None
+        while True:
+            try:
+                await lst.start()
+                if waiting_since is not None:
+                    log.info("%s listener: %s:%d bound after %.1f s", lst.name, *lst.addr,
+                             loop.time() - waiting_since)
+                return
+            except OSError as exc:
+                if not retry_busy or exc.errno != errno.EADDRINUSE:
+                    raise
+            if stop is not None and stop.is_set():
+                return
+            now = loop.time()
+            if waiting_since is None:
+                waiting_since = now
+            if logged is None or now - logged >= BUSY_LOG_SECONDS:
+                log.info("%s listener: %s:%d is still in use (the agent this one takes over from?); "
+                         "retrying", lst.name, *lst.addr)
+                logged = now
+            await asyncio.sleep(BUSY_RETRY_SECONDS)
 
     async def close(self) -> None:
         await asyncio.gather(*(lst.close() for lst in self.listeners.values()))

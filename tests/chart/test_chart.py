@@ -47,8 +47,8 @@ CA_CLUSTER_RULES = {
 }
 CA_NAMESPACE_RULES = {("", "secrets", "get", ("cacerts",))}
 AGENT_CAPS = {"NET_ADMIN", "SYS_ADMIN", "BPF", "PERFMON", "SYS_PTRACE"}
-AGENT_HOSTPATHS = {"/sys/fs/bpf", "/sys/fs/cgroup", "/proc", "/var/run/netns", "/var/run/ambient-agent",
-                   "/lib/modules", "/usr/src", "/opt/cni/bin", "/etc/cni/net.d"}
+AGENT_HOSTPATHS = {"/sys/fs/bpf", "/sys/fs/cgroup", "/proc", "/proc/sys/net", "/var/run/netns",
+                   "/var/run/ambient-agent", "/lib/modules", "/usr/src", "/opt/cni/bin", "/etc/cni/net.d"}
 ISTIO_TCP_METRICS = ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
                      "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total")
 
@@ -218,7 +218,7 @@ def test_kubernetes_validate_catches_errors(helm_env, tmp_path, default_docs):
     p1 = tmp_path / "unknown.yaml"
     p1.write_text(yaml.safe_dump(ds))
     ds = json.loads(json.dumps(_one(default_docs, "DaemonSet")))
-    ds["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "15020"
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsUser"] = "0"
     p2 = tmp_path / "type.yaml"
     p2.write_text(yaml.safe_dump(ds))
     for p in (p1, p2):
@@ -235,10 +235,18 @@ def test_podmonitor_shape(extras_docs):
     pod_labels = ds["spec"]["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     (ep,) = pm["spec"]["podMetricsEndpoints"]
-    assert set(ep) <= {"port", "path", "interval"}
-    ports = {p["name"]: p["containerPort"] for p in _container(ds["spec"]["template"]["spec"], "agent")["ports"]}
-    assert ports[ep["port"]] == 15020 and ep["path"] == "/metrics"
+    assert set(ep) == {"path", "interval", "relabelings"} and ep["path"] == "/metrics"
     assert re.fullmatch(r"[0-9]+(ms|s|m|h)", ep["interval"])
+    # No named port to point at (see test_agent_surges_on_upgrade_without_host_ports): the
+    # agent container's target, at the pod's (node's) address, port 15020, IPv4 and IPv6.
+    keep, v4, v6 = ep["relabelings"]
+    assert keep == {"sourceLabels": ["__meta_kubernetes_pod_container_name"], "regex": "agent", "action": "keep"}
+    assert {_container(ds["spec"]["template"]["spec"], "agent")["name"]} == {keep["regex"]}
+    for rule, ip, address in ((v4, "10.0.0.7", "10.0.0.7:15020"), (v6, "fd00::7", "[fd00::7]:15020")):
+        assert rule["sourceLabels"] == ["__meta_kubernetes_pod_ip"] and rule["targetLabel"] == "__address__"
+        m = re.fullmatch(rule["regex"], ip)
+        assert m and rule["replacement"].replace("$1", m.group(1)) == address
+    assert re.fullmatch(v4["regex"], "fd00::7") is None
 
 
 def test_dashboard_uses_istio_metric_names(extras_docs):
@@ -325,6 +333,39 @@ def test_agent_probes_on_15021(default_docs):
     live = c["livenessProbe"]
     assert (live.get("httpGet") or live.get("tcpSocket"))["port"] == 15021
     assert c["resources"]["requests"] and c["resources"]["limits"]
+
+
+def test_agent_surges_on_upgrade_without_host_ports(default_docs):
+    """A new agent pod starts beside the old one on each node and takes the node over."""
+    ds = _one(default_docs, "DaemonSet")
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    pod = ds["spec"]["template"]["spec"]
+    # On the host network a declared containerPort is a hostPort: the surge pod
+    # could never be scheduled beside the old one.
+    assert pod["hostNetwork"] is True
+    for c in pod["containers"] + pod.get("initContainers", []):
+        assert "ports" not in c, f"container {c['name']} declares ports"
+    args = _container(pod, "agent")["args"]
+    # Drained after the handover, the old agent waits for its pod's deletion
+    # instead of exiting into a restart that would take the node back.
+    assert args[args.index("--after-handover") + 1] == "wait"
+    from agent.cli import build_parser
+    assert build_parser().parse_args(args).after_handover == "wait"     # a real flag of `run`
+    drain = float(args[args.index("--drain-seconds") + 1])
+    assert 0 < drain < pod["terminationGracePeriodSeconds"]
+    # tcp_migrate_req in pods' namespaces: /proc/sys/net writable, the rest of /proc not.
+    mounts = {m["mountPath"]: m for m in _container(pod, "agent")["volumeMounts"]}
+    assert not mounts["/host/proc/sys/net"].get("readOnly") and mounts["/host/proc"]["readOnly"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols[mounts["/host/proc/sys/net"]["name"]]["hostPath"]["path"] == "/proc/sys/net"
+    assert args[args.index("--host-proc") + 1] == "/host/proc"
+
+
+def test_schema_rejects_a_bad_update_strategy(helm_env):
+    for bad in ({"agent.updateStrategy.type": "Surge"}, {"agent.updateStrategy.rollingUpdate.maxSurgee": "1"}):
+        proc = _template(helm_env, bad, check=False)
+        assert proc.returncode != 0, f"schema accepted {bad}"
 
 
 def test_agent_host_paths_and_token(default_docs):

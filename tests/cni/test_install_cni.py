@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,9 +82,10 @@ def daemon(node, tmp_path):
     procs = []
 
     def start(*extra):
-        log = open(tmp_path / "install-cni.log", "wb")
+        log_path = tmp_path / f"install-cni-{len(procs)}.log"      # one per installer
+        log = open(log_path, "wb")
         proc = subprocess.Popen(node.args("--poll-interval", "0.2", *extra), stdout=log, stderr=log, cwd=REPO)
-        proc.log_path = tmp_path / "install-cni.log"
+        proc.log_path = log_path
         procs.append(proc)
         return proc
 
@@ -192,3 +194,60 @@ def test_missing_service_account_is_a_clear_error(node):
     done = subprocess.run(node.args("--once"), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 1 and "service account credentials" in done.stderr
     assert (node.conf / "10-flannel.conflist").read_bytes() == FLANNEL
+
+
+def test_two_installers_during_an_upgrade_only_the_newest_acts_and_the_last_uninstalls(node, daemon, tmp_path):
+    """The chart surges the DaemonSet: a new pod's install-cni starts beside the old one's."""
+    (node.conf / "10-flannel.conflist").write_bytes(FLANNEL)
+    old = daemon("--uninstall-on-exit")
+    wait_for(node.chained, what="the old installer chains ambient-cni")
+    old_link = os.readlink(node.bin / "ambient-cni")
+    # The new version's bundle differs: two managing installers would swap the link every round.
+    v2 = tmp_path / "bundle-v2"
+    shutil.copytree(node.bundle, v2, symlinks=True)
+    (v2 / "_internal" / "libpython3.11.so.1.0").write_bytes(b"lib v2")
+    args = node.args("--poll-interval", "0.2", "--uninstall-on-exit")
+    args[args.index("--plugin-source") + 1] = str(v2)
+    log = open(tmp_path / "install-cni-v2.log", "wb")
+    new = subprocess.Popen(args, stdout=log, stderr=log, cwd=REPO)
+    try:
+        wait_for(lambda: os.readlink(node.bin / "ambient-cni") != old_link, what="the new bundle linked")
+        new_link = os.readlink(node.bin / "ambient-cni")
+        time.sleep(1.0)                          # several rounds of both
+        assert os.readlink(node.bin / "ambient-cni") == new_link
+        assert b"a newer install-cni manages this node; standing by" in old.log_path.read_bytes()
+        # The old pod goes: nothing is uninstalled, not even for a moment.
+        old.send_signal(signal.SIGTERM)
+        assert old.wait(10) == 0
+        assert node.chained() and os.readlink(node.bin / "ambient-cni") == new_link
+        assert (node.conf / "ambient-cni-kubeconfig").exists()
+        assert b"ambient-cni stays installed" in old.log_path.read_bytes()
+        # The last one out restores the node.
+        new.send_signal(signal.SIGTERM)
+        assert new.wait(10) == 0
+    finally:
+        if new.poll() is None:
+            new.kill()
+            new.wait(5)
+    assert (node.conf / "10-flannel.conflist").read_bytes() == FLANNEL
+    assert sorted(p.name for p in node.conf.iterdir()) == ["10-flannel.conflist"]
+    assert sorted(p.name for p in node.bin.iterdir()) == ["bridge"]
+
+
+def test_when_the_newest_installer_leaves_first_the_older_one_takes_the_node_back(node, daemon):
+    """A rollback, or the new pod deleted while the old one still runs."""
+    (node.conf / "10-flannel.conflist").write_bytes(FLANNEL)
+    older = daemon("--uninstall-on-exit")
+    wait_for(node.chained, what="chained")
+    newer = daemon("--uninstall-on-exit")
+    wait_for(lambda: b"standing by" in older.log_path.read_bytes(), what="the older installer stands by")
+    newer.send_signal(signal.SIGTERM)
+    assert newer.wait(10) == 0
+    assert node.chained()
+    wait_for(lambda: b"this one takes over" in older.log_path.read_bytes(), what="the older one takes over")
+    (node.bin / "ambient-cni").unlink()       # and it manages the node again: repairs
+    wait_for(lambda: (node.bin / "ambient-cni").is_symlink(), what="plugin reinstalled by the older one")
+    older.send_signal(signal.SIGTERM)
+    assert older.wait(10) == 0
+    assert (node.conf / "10-flannel.conflist").read_bytes() == FLANNEL
+    assert sorted(p.name for p in node.conf.iterdir()) == ["10-flannel.conflist"]

@@ -6,13 +6,25 @@ serve PORT BANNER [--host H]   accept forever; each connection gets
 connect HOST PORT MESSAGE [--mark N] [--timeout S]
                                print the banner line and the echoed message;
                                on failure print "ERROR <errno name>" and exit 2
+loop HOST PORT MARKER --seconds S [--interval I]
+                               new connections back to back for at most S seconds
+                               or until a line on stdin says stop, each checked end
+                               to end (banner, echo of MARKER-<n>); prints "started",
+                               then one JSON summary with every failure
+stream HOST PORT MARKER [--chunk N] [--interval I]
+                               one long connection sending MARKER-numbered chunks
+                               and checking every echoed byte, until a line on
+                               stdin says stop; prints "started", then a JSON
+                               summary: how it ended (clean, or which error, when)
 """
 
 import argparse
 import errno
+import json
 import socket
 import sys
 import threading
+import time
 
 
 def serve(args):
@@ -85,6 +97,94 @@ def chat(args):
     return 0
 
 
+def _error_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno, "TIMEOUT" if isinstance(exc, TimeoutError) else str(exc))
+
+
+def _one_checked_connection(args, message: bytes) -> None:
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(args.timeout)
+        s.connect((args.host, args.port))
+        f = s.makefile("rb")
+        if not f.readline().strip():
+            raise ConnectionResetError(errno.ECONNRESET, "closed before the banner")
+        s.sendall(message)
+        s.shutdown(socket.SHUT_WR)
+        echoed = f.read()
+        if echoed != message:
+            raise ConnectionAbortedError(errno.ECONNABORTED, f"echo mismatch: {echoed[:80]!r}")
+
+
+def loop(args):
+    """Connections back to back; every one must complete end to end."""
+    ok, failures, n, slowest = 0, [], 0, 0.0
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    started = time.time()
+    good_at = []
+    print("started", flush=True)
+    while time.time() - started < args.seconds and not stop.is_set():
+        n += 1
+        at = time.time()
+        try:
+            _one_checked_connection(args, f"{args.marker}-{n}".encode())
+            ok += 1
+            good_at.append(round(at, 3))
+            slowest = max(slowest, time.time() - at)
+        except OSError as exc:
+            failures.append({"at": round(at, 3), "error": _error_name(exc), "detail": str(exc)[:200]})
+        time.sleep(args.interval)
+    print(json.dumps({"ok": ok, "failures": failures, "started": started, "ended": time.time(),
+                      "succeeded_at": good_at, "slowest": round(slowest, 3)}), flush=True)
+    return 0
+
+
+def stream(args):
+    """One connection carrying numbered chunks until told to stop; every echoed byte checked."""
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(args.timeout)
+    sent = 0
+    started = time.time()
+    result = {"started": started}
+    try:
+        s.connect((args.host, args.port))
+        f = s.makefile("rb")
+        if not f.readline().strip():
+            raise ConnectionResetError(errno.ECONNRESET, "closed before the banner")
+        print("started", flush=True)
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            head = f"{args.marker}-{seq:08d}:".encode()
+            chunk = head + b"x" * (args.chunk - len(head))
+            s.sendall(chunk)
+            echoed = f.read(len(chunk))
+            if len(echoed) < len(chunk):
+                # A FIN in the middle of the stream: data silently lost.
+                result.update(ok=False, error="EOF", at=time.time())
+                break
+            if echoed != chunk:
+                result.update(ok=False, error="MISMATCH", at=time.time())
+                break
+            sent += len(chunk)
+            time.sleep(args.interval)
+        else:
+            s.shutdown(socket.SHUT_WR)
+            rest = f.read()
+            result.update(ok=rest == b"", error=None if rest == b"" else "TRAILING", at=time.time())
+    except OSError as exc:
+        result.update(ok=False, error=_error_name(exc), at=time.time(), detail=str(exc)[:200])
+    finally:
+        s.close()
+    result["bytes"] = sent
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -99,12 +199,27 @@ def main():
     c.add_argument("--mark", type=lambda v: int(v, 0), default=0)
     c.add_argument("--timeout", type=float, default=5.0)
     c.add_argument("--no-half-close", action="store_true")
+    lp = sub.add_parser("loop")
+    lp.add_argument("host")
+    lp.add_argument("port", type=int)
+    lp.add_argument("marker")
+    lp.add_argument("--seconds", type=float, required=True)
+    lp.add_argument("--interval", type=float, default=0.02)
+    lp.add_argument("--timeout", type=float, default=10.0)
+    st = sub.add_parser("stream")
+    st.add_argument("host")
+    st.add_argument("port", type=int)
+    st.add_argument("marker")
+    st.add_argument("--chunk", type=int, default=4096)
+    st.add_argument("--interval", type=float, default=0.01)
+    st.add_argument("--timeout", type=float, default=20.0)
     h = sub.add_parser("chat")
     h.add_argument("host")
     h.add_argument("port", type=int)
     h.add_argument("--timeout", type=float, default=10.0)
     args = p.parse_args()
-    return {"serve": serve, "connect": connect, "chat": chat}[args.cmd](args)
+    return {"serve": serve, "connect": connect, "chat": chat, "loop": loop,
+            "stream": stream}[args.cmd](args)
 
 
 if __name__ == "__main__":
