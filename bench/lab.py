@@ -203,6 +203,7 @@ class BenchLab:
     def up(self) -> None:
         self.lab.up(MANIFEST)
         self.lab.settle(20.0)
+        self.wait_for_certificates(30.0)
         for pod in ("plain/client", "mesh/client", "mesh/iptclient"):
             # Many short connections (scenarios 3 and 5) fill the client's
             # port range with TIME_WAIT; without reuse connect() then spends
@@ -212,6 +213,24 @@ class BenchLab:
             self.background(pod, [sys.executable, LOADGEN, "serve", str(ECHO_PORT)], ready=True)
             self.background(pod, ["iperf3", "-s", "-p", str(IPERF_PORT)])
         time.sleep(0.3)
+
+    def wait_for_certificates(self, timeout: float) -> None:
+        """Every agent holds a valid certificate for every identity it tracks.
+
+        Until then a meshed connection waits for its pod's certificate and
+        may time out; the first measurement must not race the CA (it did on
+        a loaded CI machine: a reset iperf3 control connection).
+        """
+        deadline = time.monotonic() + timeout
+        for node in self.lab.nodes:
+            while True:
+                certs = self.lab.agent_request(node, {"op": "status"}).get("certificates") or []
+                if certs and all(c.get("state") == "valid" for c in certs):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the agent of {node} holds no valid certificate for every "
+                                       f"identity after {timeout:g}s: {certs}")
+                time.sleep(0.1)
 
     def background(self, pod: str, argv: list[str], ready: bool = False) -> subprocess.Popen:
         proc = self.lab.exec(pod, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

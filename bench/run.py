@@ -189,6 +189,19 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def agent_log_tails(bl: BenchLab, lines: int = 25) -> dict[str, str]:
+    """What each node agent logged last (access lines left out): evidence for a failed scenario."""
+    out = {}
+    for node in bl.lab.nodes:
+        try:
+            text = (bl.lab.node_dir(node) / "agent.log").read_text(errors="replace").splitlines()
+        except OSError as exc:
+            out[node] = f"(no log: {exc})"
+            continue
+        out[node] = "\n".join([l for l in text if " access: " not in l and " INFO access " not in l][-lines:])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--short", action="store_true", help="CI mode: a few seconds per scenario")
@@ -254,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 log.error("scenario %s failed: %s", key, exc)
                 res = {"title": key, "rows": [], "error": f"{type(exc).__name__}: {exc}",
-                       "traceback": traceback.format_exc()}
+                       "traceback": traceback.format_exc(), "agent_logs": agent_log_tails(bl)}
+                for node, tail in res["agent_logs"].items():
+                    log.error("agent of %s, last lines other than access lines:\n%s", node, tail)
                 failed.append(key)
             res["seconds"] = round(time.monotonic() - t0, 1)
             if res is not None and "rows" in res:
