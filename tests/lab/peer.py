@@ -16,6 +16,11 @@ stream HOST PORT MARKER [--chunk N] [--interval I]
                                and checking every echoed byte, until a line on
                                stdin says stop; prints "started", then a JSON
                                summary: how it ended (clean, or which error, when)
+sink PORT                      accept one connection, read until it ends, print one
+                               JSON line: bytes read and how it ended ("eof" for a
+                               FIN, else the error name, e.g. "ECONNRESET")
+send HOST PORT                 connect and send until the connection fails; prints
+                               "connected", then one JSON line with how it ended
 """
 
 import argparse
@@ -185,6 +190,39 @@ def stream(args):
     return 0
 
 
+def sink(args):
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("0.0.0.0", args.port))
+    lst.listen(1)
+    print("ready", flush=True)
+    conn, _ = lst.accept()
+    got, end = 0, "eof"
+    with conn:
+        while True:
+            try:
+                data = conn.recv(1 << 20)
+            except OSError as exc:
+                end = _error_name(exc)
+                break
+            if not data:
+                break
+            got += len(data)
+    print(json.dumps({"bytes": got, "end": end}), flush=True)
+
+
+def send(args):
+    s = socket.create_connection((args.host, args.port), timeout=10)
+    print("connected", flush=True)
+    chunk, sent, end = b"z" * 65536, 0, "closed"
+    try:
+        while True:
+            sent += s.send(chunk)
+    except OSError as exc:
+        end = _error_name(exc)
+    print(json.dumps({"bytes": sent, "end": end}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -217,9 +255,14 @@ def main():
     h.add_argument("host")
     h.add_argument("port", type=int)
     h.add_argument("--timeout", type=float, default=10.0)
+    sk = sub.add_parser("sink")
+    sk.add_argument("port", type=int)
+    sd = sub.add_parser("send")
+    sd.add_argument("host")
+    sd.add_argument("port", type=int)
     args = p.parse_args()
     return {"serve": serve, "connect": connect, "chat": chat, "loop": loop,
-            "stream": stream}[args.cmd](args)
+            "stream": stream, "sink": sink, "send": send}[args.cmd](args)
 
 
 if __name__ == "__main__":

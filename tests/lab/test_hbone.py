@@ -325,3 +325,37 @@ def test_sigterm_drains_open_connections_and_refuses_new_ones(lab, servers):
         if lab.agent_pid("node1") is None:
             lab.start_agent("node1")
     assert connect(lab, "mesh/client", lab.pod_ip("mesh/server"), 7087, "again")[0]
+
+
+@pytest.mark.parametrize("killed", ["node2", "node1"])
+def test_a_killed_agent_resets_the_applications_instead_of_ending_their_stream(lab, killed):
+    """Issue 11, item 4: the destination side's agent dying mid-transfer used to
+    hand the receiving application a clean FIN after 728 MB of 1 GiB. Now the
+    kernel resets the agent's application sockets (SO_LINGER 0) on both sides."""
+    port = 7090 if killed == "node2" else 7091
+    sink = lab.exec("mesh/server", [sys.executable, str(HERE / "peer.py"), "sink", str(port)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sender = None
+    try:
+        assert sink.stdout.readline().strip() == "ready"
+        sender = lab.exec("mesh/client", [sys.executable, str(HERE / "peer.py"), "send",
+                                          lab.pod_ip("mesh/server"), str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert sender.stdout.readline().strip() == "connected"
+        wait_for(lambda: counters(lab, "node2", "mesh/server", "hbone")["bytes_received"] > 4 << 20,
+                 timeout=20, what="a few MB through the mesh")
+        assert lab.stop_agent(killed, signal.SIGKILL, wait=True)
+        received = json.loads(sink.communicate(timeout=30)[0].strip().splitlines()[-1])
+        sent = json.loads(sender.communicate(timeout=30)[0].strip().splitlines()[-1])
+        assert received["bytes"] > 0
+        # Never a FIN for a cut stream: both applications see a reset.
+        assert received["end"] == "ECONNRESET", received
+        assert sent["end"] in ("ECONNRESET", "EPIPE"), sent
+    finally:
+        for proc in (sink, sender):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if lab.agent_pid(killed) is None:
+            lab.start_agent(killed)
+            settle(lab)
