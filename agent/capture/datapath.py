@@ -355,6 +355,19 @@ class CaptureDatapath:
             self._sk_lookup_fd = -1
 
 
+def detach_pinned(path: str, cg_fd: int, attach_type: int) -> None:
+    """Detach the cgroup program pinned at ``path``; one already gone is no error."""
+    try:
+        fd = bpfsys.obj_get(path)
+        try:
+            bpfsys.prog_detach(fd, cg_fd, attach_type)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
 def teardown(pin_dir: str, cgroup: str = DEFAULT_CGROUP) -> list[str]:
     """Remove a node agent's capture entirely: detach programs, drop pins.
 
@@ -376,14 +389,9 @@ def teardown(pin_dir: str, cgroup: str = DEFAULT_CGROUP) -> list[str]:
         base = entry.split("_staged", 1)[0]
         if base in attach_types and cg_fd >= 0:
             try:
-                fd = bpfsys.obj_get(path)
-                try:
-                    bpfsys.prog_detach(fd, cg_fd, attach_types[base])
-                finally:
-                    os.close(fd)
+                detach_pinned(path, cg_fd, attach_types[base])
             except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    problems.append(f"detach {path}: {exc}")
+                problems.append(f"detach {path}: {exc}")
         try:
             os.unlink(path)
         except OSError as exc:

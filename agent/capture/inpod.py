@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agent.capture.datapath import (HBONE_PORT, INBOUND_PORT, LISTENER_HBONE,
                                     LISTENER_INBOUND, OUTBOUND_PORT, CaptureDatapath)

@@ -34,7 +34,7 @@ import time
 
 from agent.capture import bpfsys
 from agent.capture.datapath import (BPF_SOURCE_DIR, BPF_SOURCES, CGROUP_PROGRAMS, DEFAULT_CGROUP, MAPS,
-                                    SK_LOOKUP_PIN, CaptureError, ensure_bpffs)
+                                    SK_LOOKUP_PIN, CaptureError, detach_pinned, ensure_bpffs)
 
 log = logging.getLogger("agent.capture.loader")
 
@@ -142,15 +142,10 @@ def _drop_stale_staged(pin_dir: str, cg_fd: int) -> None:
         path = os.path.join(pin_dir, entry)
         if base in attach_types:
             try:
-                fd = bpfsys.obj_get(path)
-                try:
-                    bpfsys.prog_detach(fd, cg_fd, attach_types[base])
-                finally:
-                    os.close(fd)
+                detach_pinned(path, cg_fd, attach_types[base])
             except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    log.warning("leftover %s: %s", path, exc)
-                    continue
+                log.warning("leftover %s: %s", path, exc)
+                continue
         _unlink(path)
         log.info("removed %s, left by an interrupted loader", path)
 
