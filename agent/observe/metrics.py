@@ -303,7 +303,9 @@ class ConnectionMeter:
     def __init__(self, metrics: TcpMetrics, labels: Mapping[str, str],
                  totals: Callable[[], tuple[int, int]] | None) -> None:
         self.metrics = metrics
-        self.labels = dict(labels)
+        # Shared, not copied: the data path passes one label set to every
+        # connection of a workload pair, and never changes a set once made.
+        self.labels = labels
         self._totals = totals
         self._sent = 0
         self._received = 0

@@ -123,6 +123,8 @@ class PodProxy:
         self._tasks: set[asyncio.Task] = set()      # connections being set up
         self._accepting: list[asyncio.Task] = []
         self._servers: set[H2Connection] = set()
+        self._label_state = None
+        self._label_cache: dict[tuple, dict] = {}
         self._hbone_waiting = 0        # accepted on 15008, no ClientHello yet
         self._hbone_handshaking = 0
         # Open connections (no task of their own: their pipe's end finishes
@@ -210,10 +212,26 @@ class PodProxy:
 
     def _labels(self, reporter: str, source_pod, source_id, dest_pod, dest_id, service: str = "",
                 mtls: bool = False) -> dict | None:
+        """Istio's label set for a connection, shared by every connection that has it.
+
+        A set is 19 strings in a dict (~1.2 KB) held by the connection's result
+        and meter for its whole life; the connections of one pair of workloads
+        share one, cached for the current cluster state (label sets are never
+        changed once made). Bounded: a state with more distinct pairs than
+        ``_LABEL_CACHE`` starts the cache afresh.
+        """
         if self.plane.metrics is None:
             return None
-        return labels_for(reporter, source_pod, source_id or None, dest_pod, dest_id or None,
-                          service or None, mtls, domain=self.plane.trust_domain)
+        state = self.plane.state()
+        if state is not self._label_state or len(self._label_cache) >= _LABEL_CACHE:
+            self._label_state, self._label_cache = state, {}
+        key = (reporter, _pod_key(source_pod), source_id, _pod_key(dest_pod), dest_id, service, mtls)
+        labels = self._label_cache.get(key)
+        if labels is None:
+            labels = self._label_cache[key] = labels_for(
+                reporter, source_pod, source_id or None, dest_pod, dest_id or None, service or None, mtls,
+                domain=self.plane.trust_domain)
+        return labels
 
     # -- policy changes ----------------------------------------------------
 
@@ -498,6 +516,16 @@ class PodProxy:
         counted = ByteCounter()
         pipe = await start_bridge(app, stream, counted, self.counters.hbone, sock_is_app=True)
         self._track(result, pipe, counted, request)
+
+
+_LABEL_CACHE = 1024
+
+
+def _pod_key(pod) -> tuple | None:
+    if not pod:
+        return None
+    meta = pod.get("metadata") or {}
+    return (meta.get("namespace"), meta.get("name"), meta.get("uid"))
 
 
 def _forwarded_for(value: str) -> tuple[str, int] | None:
