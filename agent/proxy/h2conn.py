@@ -201,7 +201,7 @@ class H2Stream:
     def attach(self, peer, pipe, attr: str) -> None:
         """Connect the other end of the pipe; data that arrived before goes now."""
         self.peer, self.pipe, self.attr = peer, pipe, attr
-        if self.conn._write_paused:
+        if not self.conn._can_write.is_set():
             peer.pause_reading("h2-conn")
         while self._chunks:
             data, flow_len = self._chunks.popleft()
@@ -470,8 +470,7 @@ class H2Connection(asyncio.Protocol):
         self._refused_seen = 0
         self.calmed = ""                       # why we sent GOAWAY ENHANCE_YOUR_CALM
         self._can_write = asyncio.Event()
-        self._can_write.set()
-        self._write_paused = False
+        self._can_write.set()         # cleared while the TLS transport's buffer is full
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
         self._pings: dict[bytes, asyncio.Future] = {}
@@ -551,14 +550,12 @@ class H2Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The TLS transport's buffer is full: every attached stream's other
         # end stops reading until it drains (bounded memory per connection).
-        self._write_paused = True
         self._can_write.clear()
         for stream in list(self.streams.values()):
             if stream.peer is not None:
                 stream.peer.pause_reading("h2-conn")
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         self._can_write.set()
         for stream in list(self.streams.values()):
             if stream.peer is not None:
