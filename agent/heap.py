@@ -44,6 +44,15 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * _PAGE
 
 
+_on_quiet: list[Callable[[], None]] = []
+
+
+def on_quiet(fn: Callable[[], None]) -> None:
+    """Call ``fn`` each time the process goes quiet, before the heap is
+    trimmed: caches kept for throughput (h2conn's body buffers) let go."""
+    _on_quiet.append(fn)
+
+
 class IdleHeapTrimmer:
     def __init__(self, interval: float = 1.0, busy_share: float = 0.10,
                  cpu_clock: Callable[[], float] = time.process_time,
@@ -70,6 +79,8 @@ class IdleHeapTrimmer:
         if not self._busy_since_trim or self._trim is None:
             return False
         self._busy_since_trim = False
+        for fn in _on_quiet:
+            fn()
         before = _rss_bytes()
         self._trim(0)
         self.trims += 1

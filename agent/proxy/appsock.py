@@ -54,6 +54,15 @@ WRITE_LOW = 256 * 1024
 _scratch = bytearray(SCRATCH_SIZE)
 _scratch_view = memoryview(_scratch)
 
+
+
+def scratch() -> memoryview:
+    """The shared read buffer, for other protocols of the same loop
+    (``h2conn.H2Connection``): whatever is read into it must be consumed
+    or copied before the callback that read it returns."""
+    return _scratch_view
+
+
 LINGER_RESET = struct.pack("ii", 1, 0)
 _LINGER_OFF = struct.pack("ii", 0, 0)
 

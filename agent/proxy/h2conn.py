@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import struct
+import sys
 from typing import Awaitable, Callable
 
 import h2.config
@@ -31,8 +33,9 @@ import h2.settings
 import h2.stream
 from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 
+from agent import heap
 from agent.observe.problems import ProblemLog, problem_key
-from agent.proxy import limits
+from agent.proxy import appsock, limits
 from agent.proxy.hbone import CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS_PER_CONNECTION, STREAM_WINDOW
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,47 @@ log = logging.getLogger(__name__)
 _problems = ProblemLog(log)
 
 DEFAULT_WINDOW = 65535
+# A DATA frame's header: length (24 bits, as 16 + 8), type 0, flags, stream id.
+_DATA_HEADER = struct.Struct(">HBBBL")
+_END_STREAM = 0x1
+# Payloads from this size on go to the transport as they are, behind their
+# own 9-byte header (one more, small TLS record); smaller ones are joined
+# to their header, which costs less than the extra record.
+SEPARATE_PAYLOAD = 16 * 1024
+# DATA frames from this size on are read straight into a buffer of their own
+# (H2Connection._take_body): below it h2's frame buffer costs less than the
+# bookkeeping.
+BIG_DATA = 64 * 1024
+_PADDED = 0x8
+# Buffers for large DATA frames' bodies, shared by the loop's connections:
+# reading into memory used before costs no page faults (a fresh megabyte per
+# frame was ~10 % of the receiving agent's time). At most POOL_SIZE of
+# MAX_FRAME_SIZE each; the pool empties when the agent goes quiet
+# (agent/heap.py).
+POOL_SIZE = 4
+_pool: list[bytearray] = []
+
+
+def _body_buffer(length: int) -> memoryview:
+    """A writable buffer of ``length`` bytes that nothing else refers to."""
+    for buf in _pool:
+        # Free when only the pool, this loop's name and getrefcount's argument
+        # refer to it: any memoryview still alive (a transport holding bytes
+        # it could not send yet, a queued chunk) keeps one more reference.
+        if sys.getrefcount(buf) == 3:
+            return memoryview(buf)[:length]
+    if len(_pool) < POOL_SIZE:
+        buf = bytearray(MAX_FRAME_SIZE)
+        _pool.append(buf)
+        return memoryview(buf)[:length]
+    return memoryview(bytearray(length))
+
+
+def _empty_pool() -> None:
+    _pool.clear()
+
+
+heap.on_quiet(_empty_pool)
 TLS_WRITE_HIGH = 2 * 1024 * 1024
 TLS_WRITE_LOW = 512 * 1024
 
@@ -75,6 +119,71 @@ class _HboneH2(h2.connection.H2Connection):
     # a flood of refused CONNECTs, docs/SECURITY.md); 4,096 covers any frame
     # still in flight when a stream closes.
     MAX_CLOSED_STREAMS = 4096
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # What goes to the transport, in order: h2's own serialised frames
+        # and DATA frames as (header, payload) without a copy.
+        self._out: list = []
+
+    def _prepare_for_sending(self, frames):
+        """DATA frames skip h2's serialisation; every other frame goes the usual way.
+
+        h2 turns a DATA frame into bytes by copying its payload three times
+        (``serialize`` joins header and body, ``_data_to_send += ...``
+        appends to a bytearray, ``data_to_send`` copies that out): for bulk
+        transfers this was ~30 % of the sending agent's time (bench/notes.md).
+        h2 still does all the bookkeeping in ``send_data``/``end_stream``
+        (state machines, both flow-control windows, frame-size checks); only
+        the bytes are produced here: a 9-byte header in front of the
+        payload, queued after whatever h2 had queued before, so the order on
+        the wire is the order of the calls. We never send padded DATA.
+        """
+        for frame in frames:
+            if frame.__class__ is DataFrame and not frame.pad_length and "PADDED" not in frame.flags:
+                data = frame.data
+                n = len(data)
+                flags = _END_STREAM if "END_STREAM" in frame.flags else 0
+                header = _DATA_HEADER.pack(n >> 8, n & 0xFF, 0, flags, frame.stream_id)
+                out = self._out
+                if self._data_to_send:
+                    out.append(self._data_to_send)
+                    self._data_to_send = bytearray()
+                if n >= SEPARATE_PAYLOAD:
+                    out.append(header)
+                    out.append(data)
+                else:
+                    out.append(header + data if n else header)
+            else:
+                self._data_to_send += frame.serialize()
+
+    def take_output(self) -> list:
+        """Everything queued for the wire, as a list of bytes-like pieces in order."""
+        out = self._out
+        if self._data_to_send:
+            out.append(self._data_to_send)
+            self._data_to_send = bytearray()
+        self._out = []
+        return out
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        if self._out:
+            self._data_to_send = bytearray(b"".join(self.take_output()))
+        return super().data_to_send(amount)
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._out = []
+        super().clear_outbound_data_buffer()
+
+    def receive_data_frame(self, frame: DataFrame) -> list:
+        """One whole DATA frame that was read outside h2's frame buffer
+        (``H2Connection._take_body``), with ``receive_data``'s handling of a
+        protocol error: the connection is terminated and the error raised."""
+        try:
+            return self._receive_frame(frame)
+        except h2.exceptions.ProtocolError as exc:
+            self._terminate_connection(exc.error_code)
+            raise
 
     def _receive_frame(self, frame):
         """DATA frames skip h2's trace line, whose argument is computed eagerly.
@@ -220,6 +329,8 @@ class H2Stream:
     def send(self, data: bytes) -> None:
         if self.reset_code is not None or self.conn.closed or self.local_ended:
             return
+        if data.__class__ is not bytes:
+            data = bytes(data)         # the frames keep views of it until written
         if self._pending:
             self._pending.append(memoryview(data))
             return
@@ -236,13 +347,14 @@ class H2Stream:
                 size = conn.sendable(self.id)
                 if size <= 0:
                     break
+                # No copy: the views are of immutable bytes (``send`` is given
+                # bytes), and a DATA frame's payload goes to the transport as
+                # it is (``_HboneH2._prepare_for_sending``).
                 if size >= len(view):
-                    # Whole bytes objects go as they are (no copy); a slice is
-                    # copied because h2 keeps what it is given until serialised.
-                    conn.h2.send_data(self.id, whole if whole is not None else view.tobytes())
+                    conn.h2.send_data(self.id, whole if whole is not None else view)
                     view = view[len(view):]
                 else:
-                    conn.h2.send_data(self.id, view[:size].tobytes())
+                    conn.h2.send_data(self.id, view[:size])
                     view = view[size:]
                 whole = None
         except h2.exceptions.StreamClosedError:
@@ -314,6 +426,8 @@ class H2Stream:
     def _feed(self, data: bytes, flow_len: int) -> None:
         peer = self.peer
         if peer is None:
+            if data.__class__ is memoryview:
+                data = data.tobytes()      # a pooled body buffer: queued chunks keep their own
             if not self._chunks:
                 self._chunks = collections.deque()
             self._chunks.append((data, flow_len))
@@ -427,8 +541,17 @@ _NO_QUEUE: tuple = ()          # an empty queue until a stream needs one (most n
 RequestHandler = Callable[[H2Stream], Awaitable[None]]
 
 
-class H2Connection(asyncio.Protocol):
-    """One HTTP/2 connection carrying HBONE streams."""
+class H2Connection(asyncio.BufferedProtocol):
+    """One HTTP/2 connection carrying HBONE streams.
+
+    A buffered protocol: the transport (TLS) decrypts into a buffer we hand
+    it. Usually that is the loop's shared scratch buffer, and h2's frame
+    buffer copies from it. When a large DATA frame's header has been read,
+    its body gets a buffer of its own and the transport decrypts straight
+    into it (``_take_body``): the payload is then not copied by h2's frame
+    buffer three times (append, slice, ``tobytes``), which was most of the
+    receiving agent's time in bulk transfers (bench/notes.md).
+    """
 
     def __init__(self, client_side: bool, on_request: RequestHandler | None = None,
                  name: str = "", verify: Callable[[asyncio.BaseTransport], str] | None = None) -> None:
@@ -474,6 +597,12 @@ class H2Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
         self._pings: dict[bytes, asyncio.Future] = {}
+        # A large DATA frame being read into its own buffer: the body, how
+        # much of it has arrived, its stream and flags.
+        self._body: memoryview | None = None
+        self._body_filled = 0
+        self._body_stream = 0
+        self._body_flags = 0
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -503,21 +632,125 @@ class H2Connection(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_result(True)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None:
+            return self._body[self._body_filled:]
+        return appsock.scratch()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._body is None:
+            view = appsock.scratch()[:nbytes]
+            # At a frame boundary (h2 holds nothing): a large DATA frame's
+            # start goes straight into its own buffer. Otherwise h2's frame
+            # buffer copies it before anything else runs.
+            if (self.h2.incoming_buffer._data or self.closed
+                    or not self._begin_body(view, nbytes)):
+                self.data_received(view)
+            else:
+                self.last_activity = self._loop.time()
+            return
+        self._body_filled += nbytes
+        if self._body_filled >= len(self._body):
+            self._body_done()
+
+    def data_received(self, data) -> None:
         if self.closed:
+            return
+        if self._body is not None:
+            # Not through get_buffer (a plain call): fill the body, and what
+            # follows it goes the usual way.
+            view = memoryview(data)
+            take = min(len(view), len(self._body) - self._body_filled)
+            self._body[self._body_filled:self._body_filled + take] = view[:take]
+            self._body_filled += take
+            if self._body_filled >= len(self._body):
+                self._body_done()
+            if take < len(view):
+                self.data_received(view[take:])
             return
         self.last_activity = self._loop.time()
         self.frames_received = True
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            _problems.report(logging.WARNING, problem_key("h2 protocol error", str(exc)),
-                             "%s: HTTP/2 protocol error from peer: %s; closing", self.name, exc)
-            self.flush()
-            self._abort_all()
-            if self.transport:
-                self.transport.close()
+            self._protocol_error(exc)
             return
+        self._handle(events)
+        if not self.closed:
+            self._take_body()
+
+    def _protocol_error(self, exc: Exception) -> None:
+        _problems.report(logging.WARNING, problem_key("h2 protocol error", str(exc)),
+                         "%s: HTTP/2 protocol error from peer: %s; closing", self.name, exc)
+        self.flush()
+        self._abort_all()
+        if self.transport:
+            self.transport.close()
+
+    def _take_body(self) -> None:
+        """Read the large DATA frame that h2's buffer has begun into a buffer of its own.
+
+        After ``receive_data`` h2's frame buffer holds only an incomplete
+        frame, starting at a frame boundary; ``buffer_updated`` also calls
+        ``_begin_body`` directly when a read starts at a frame boundary
+        (h2's buffer empty), so that the first part of the frame is not
+        copied into h2's buffer on the way. When the frame is a large,
+        unpadded DATA frame for one of our streams (and no header block is
+        open, and the HTTP/2 preface is done), its body moves to a buffer
+        of its exact length, which ``get_buffer`` hands to the transport
+        until it is full. h2 then handles the frame as if its frame buffer
+        had produced it (``_body_done``), with the same checks. What a peer
+        can make us hold does not change: h2's buffer would hold the same
+        frame, and its length was checked against our maximum frame size
+        (1 MiB). This reads h2 4.x's ``FrameBuffer`` internals (``_data``,
+        ``_preamble_len``, ``_headers_buffer``); tests/unit/test_h2_frames.py
+        holds the result to stock h2's over every way of cutting the bytes.
+        """
+        data = self.h2.incoming_buffer._data
+        if len(data) >= 9:
+            with memoryview(data) as view:
+                taken = self._begin_body(view, len(data))
+            if taken:
+                del data[:]
+
+    def _begin_body(self, view: memoryview, n: int) -> bool:
+        """``view[:n]`` starts with a frame header: take the frame's body if it qualifies."""
+        if n < 9 or view[3] != 0:
+            return False
+        fb = self.h2.incoming_buffer
+        if fb._preamble_len or fb._headers_buffer:
+            return False
+        length = (view[0] << 16) | (view[1] << 8) | view[2]
+        flags = view[4]
+        if length < BIG_DATA or length > self.h2.max_inbound_frame_size or flags & _PADDED:
+            return False
+        have = n - 9
+        stream_id = int.from_bytes(view[5:9], "big") & 0x7FFFFFFF
+        stream = self.streams.get(stream_id)
+        if have >= length or stream is None or stream.reset_code is not None:
+            return False
+        body = _body_buffer(length)
+        body[:have] = view[9:n]
+        self._body, self._body_filled = body, have
+        self._body_stream, self._body_flags = stream_id, flags
+        return True
+
+    def _body_done(self) -> None:
+        body, self._body = self._body, None
+        frame = DataFrame(self._body_stream)
+        frame.data = body
+        frame.body_len = len(body)
+        if self._body_flags & _END_STREAM:
+            frame.flags.add("END_STREAM")
+        self.last_activity = self._loop.time()
+        try:
+            events = self.h2.receive_data_frame(frame)
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._handle(events)
+
+    def _handle(self, events) -> None:
         for event in events:
             try:
                 self._dispatch(event)
@@ -545,6 +778,7 @@ class H2Connection(asyncio.Protocol):
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._body = None
         self._abort_all()
 
     def pause_writing(self) -> None:
@@ -741,9 +975,12 @@ class H2Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        out = self.h2.take_output()
+        if out and self.transport is not None and not self.transport.is_closing():
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
 
     def schedule_flush(self) -> None:
         """Write what h2 has queued at the end of this event-loop turn.
