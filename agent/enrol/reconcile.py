@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass
 
 from agent.enrol.records import PodRecord
+from agent.enrol import rule
 from agent.enrol.rule import DEFAULT_EXCLUDED, EnrolmentDecision, decide, pod_namespace
 from agent.state.model import pod_ips
 
@@ -80,10 +81,11 @@ def add_action(captured_in: object | None, requested: object, enrol: bool) -> Ad
 
 # -- pods the agent has no record of --------------------------------------------------
 
-# Istio's annotation for "this pod's traffic is captured"; the agent sets it
-# on the pods it captures and removes it from the pods it does not.
-REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
-REDIRECTION_ENABLED = "enabled"
+# Istio's annotation for "this pod's traffic is captured" (agent/enrol/rule.py):
+# the agent sets it on the pods it captures and removes its own mark from the
+# pods it does not; a user's ``disabled`` (an opt-out) is never touched.
+REDIRECTION_ANNOTATION = rule.REDIRECTION_ANNOTATION
+REDIRECTION_ENABLED = rule.REDIRECTION_ENABLED
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ def annotation_changes(state, node: str, captured: set[str]) -> list[tuple[str, 
         key = f"{ns}/{name}"
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
         current = annotations.get(REDIRECTION_ANNOTATION) if isinstance(annotations, dict) else None
+        if current == rule.REDIRECTION_DISABLED:
+            continue           # the user's opt-out; the rule releases the pod if captured
         if key in captured and current != REDIRECTION_ENABLED:
             changes.append((ns, name, REDIRECTION_ENABLED))
         elif key not in captured and current is not None:

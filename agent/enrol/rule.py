@@ -11,7 +11,9 @@ The rule, as Istio's CNI agent applies it:
   ``istio.io/dataplane-mode=ambient``; a pod label is enough on its own,
   even in an unlabelled namespace;
 * a pod labelled ``istio.io/dataplane-mode=none`` opts out, whatever its
-  namespace says;
+  namespace says, and so does a pod annotated
+  ``ambient.istio.io/redirection: disabled`` (Istio's older opt-out, which
+  istio-cni still honours: ``PodHasOptOut``); the agent never removes it;
 * never enrolled, whatever the labels: pods in excluded namespaces
   (``kube-system`` by default), pods that already run an Istio sidecar
   (annotation ``sidecar.istio.io/status``) and host-network pods (they share
@@ -29,6 +31,11 @@ DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 MODE_AMBIENT = "ambient"
 MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
+# Istio's annotation for "this pod's traffic is captured": the agent sets it
+# to ``enabled`` on the pods it captures; ``disabled`` is set by users to opt out.
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+REDIRECTION_ENABLED = "enabled"
+REDIRECTION_DISABLED = "disabled"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_EXCLUDED = ("kube-system",)
 
@@ -94,6 +101,8 @@ def decide(pod: dict, namespace: dict | None,
         return EnrolmentDecision(False, f"namespace {ns_name} is excluded")
     if pod_mode == MODE_NONE:
         return EnrolmentDecision(False, f"pod opted out with {_NONE}")
+    if _mapping(pod, "metadata", "annotations").get(REDIRECTION_ANNOTATION) == REDIRECTION_DISABLED:
+        return EnrolmentDecision(False, f"pod opted out with {REDIRECTION_ANNOTATION}={REDIRECTION_DISABLED}")
     if pod_mode != MODE_AMBIENT and ns_mode != MODE_AMBIENT:
         return EnrolmentDecision(False, f"no {_AMBIENT} label on pod or namespace")
     if SIDECAR_STATUS_ANNOTATION in _mapping(pod, "metadata", "annotations"):

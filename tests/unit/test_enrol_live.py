@@ -46,6 +46,7 @@ def record(namespace, name, uid=None):
     ([ns("a"), pod("a", "p")], {}, []),
     ([ns("a", AMBIENT), pod("a", "p", labels={"istio.io/dataplane-mode": "none"})], {}, []),
     ([ns("kube-system", AMBIENT), pod("kube-system", "p")], {}, []),
+    ([ns("a", AMBIENT), pod("a", "p", annotations={REDIRECTION_ANNOTATION: "disabled"})], {}, []),
 ])
 def test_unrecorded(items, records, expected):
     state = ClusterState.from_items(items)
@@ -67,7 +68,10 @@ ENABLED = {REDIRECTION_ANNOTATION: "enabled"}
     ([pod("a", "p", annotations=ENABLED)], {"a/p"}, []),
     # marked, but not captured (released, or capture lost): the mark goes
     ([pod("a", "p", annotations=ENABLED)], set(), [("a", "p", None)]),
-    ([pod("a", "p", annotations={REDIRECTION_ANNOTATION: "disabled"})], set(), [("a", "p", None)]),
+    # a user's opt-out stays, captured (about to be released) or not
+    ([pod("a", "p", annotations={REDIRECTION_ANNOTATION: "disabled"})], set(), []),
+    ([pod("a", "p", annotations={REDIRECTION_ANNOTATION: "disabled"})], {"a/p"}, []),
+    ([pod("a", "p", annotations={REDIRECTION_ANNOTATION: "bogus"})], set(), [("a", "p", None)]),
     ([pod("a", "p")], set(), []),
     # other nodes' pods are their agents' business
     ([pod("a", "p", node="n2", annotations=ENABLED)], set(), []),

@@ -11,6 +11,8 @@ from agent.enrol.rule import (DATAPLANE_MODE_LABEL, DEFAULT_EXCLUDED, SIDECAR_ST
 AMBIENT = {DATAPLANE_MODE_LABEL: "ambient"}
 NONE = {DATAPLANE_MODE_LABEL: "none"}
 SIDECAR = {SIDECAR_STATUS_ANNOTATION: '{"containers":["istio-proxy"]}'}
+DISABLED = {"ambient.istio.io/redirection": "disabled"}
+ANNOTATED_OUT = "pod opted out with ambient.istio.io/redirection=disabled"
 
 
 def pod(ns="app", labels=None, annotations=None, host_network=None):
@@ -39,6 +41,12 @@ CASES = [
      POD_LABELLED),
     ("pod none overrides namespace ambient", pod(labels=NONE), namespace(labels=AMBIENT), None, False, OPTED_OUT),
     ("pod none in an unlabelled namespace", pod(labels=NONE), namespace(), None, False, OPTED_OUT),
+    ("redirection disabled overrides namespace ambient", pod(annotations=DISABLED), namespace(labels=AMBIENT), None,
+     False, ANNOTATED_OUT),
+    ("redirection disabled overrides the pod label", pod(labels=AMBIENT, annotations=DISABLED), namespace(), None,
+     False, ANNOTATED_OUT),
+    ("redirection enabled is not an opt-in", pod(annotations={"ambient.istio.io/redirection": "enabled"}),
+     namespace(), None, False, NOT_LABELLED),
     ("no labels anywhere", pod(), namespace(), None, False, NOT_LABELLED),
     ("no labels and no Namespace object", pod(), None, None, False, NOT_LABELLED),
     ("another mode value is not ambient", pod(labels={DATAPLANE_MODE_LABEL: "sidecar"}), namespace(), None, False,
