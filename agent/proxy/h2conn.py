@@ -537,6 +537,7 @@ class H2Stream:
 
 _NO_PAUSERS: frozenset[str] = frozenset()
 _NO_QUEUE: tuple = ()          # an empty queue until a stream needs one (most never do)
+_NO_HEADERS: tuple = ()
 
 RequestHandler = Callable[[H2Stream], Awaitable[None]]
 
@@ -892,6 +893,7 @@ class H2Connection(asyncio.BufferedProtocol):
         finally:
             stream.closed = True
             stream.task = None         # an open tunnel keeps no finished task alive
+            stream.request_headers = _NO_HEADERS   # read by the handler; ~1 KB an open tunnel need not keep
             self._maybe_forget(stream)
 
     def _maybe_forget(self, stream: H2Stream) -> None:
@@ -1037,6 +1039,7 @@ class H2Connection(asyncio.BufferedProtocol):
         self.last_activity = self._loop.time()
         try:
             response = await stream.response
+            stream.response = None     # answered: an open tunnel need not keep the headers
         except BaseException:
             # Timed out or cancelled (or reset): the stream must not keep
             # counting against this connection's capacity.
