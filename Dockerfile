@@ -6,19 +6,18 @@
 # BCC and kernel headers
 # ----------------------
 # BCC (Debian's python3-bpfcc over libbpfcc, with its own clang/LLVM) compiles
-# bpf/*.c on the node at agent start, against the headers of the kernel that
-# runs there, which the image cannot know in advance. BCC looks for them in
-# /lib/modules/$(uname -r)/build (and .../source), usually symlinks into
-# /usr/src/linux-headers-*. A real node needs one of:
-#   1. (what the Helm chart does) mount the host's /lib/modules and /usr/src
-#      read-only at the same paths, with the node's headers package installed
-#      on the host (Debian/Ubuntu: linux-headers-$(uname -r));
-#   2. build a per-kernel image with the matching headers package:
-#        docker build --build-arg LINUX_HEADERS=linux-headers-6.1.0-28-amd64 .
-#      (only works when every node runs exactly that kernel);
-#   3. kernels built with CONFIG_IKHEADERS: BCC extracts
-#      /sys/kernel/kheaders.tar.xz itself (after `modprobe kheaders` on the
-#      host), no mount needed.
+# bpf/*.c once at each agent start, with -D__KERNEL__, against a kernel header
+# tree. The programs use only UAPI types, whose layouts do not change between
+# kernels, so the image carries one tree for every node: Debian 12's 6.1
+# linux-headers, trimmed to the UAPI and arch directories and merged into the
+# single-tree layout BCC expects (agent/capture/kernel_headers.py; `make
+# kernel-headers` runs the same script), at /usr/share/ambient-agent/kernel-headers.
+# The loader points BCC_KERNEL_SOURCE at it: the node needs no headers package,
+# and nothing of the host's /lib/modules or /usr/src is mounted. It is made in
+# its own stage because linux-headers-* pulls gcc and kbuild, which the final
+# image does not need. To compile against the host's headers instead (mounted
+# /lib/modules and /usr/src, or CONFIG_IKHEADERS), set
+# AMBIENT_AGENT_KERNEL_HEADERS=host; see docs/CAPTURE.md, "Kernel headers".
 # Nothing in the image is compiled at build time, except the CNI plugin bundle.
 #
 # The ambient-cni plugin bundle
@@ -27,27 +26,39 @@
 # exist. The first stage freezes the plugin with PyInstaller (onedir: an
 # `ambient-cni` executable beside `_internal/` holding libpython and the few
 # modules it imports; see `make cni-plugin`) into /opt/ambient-cni, which
-# `ambient-agent install-cni` copies into the host's CNI bin dir. PyInstaller
-# needs a shared libpython: Debian's python3 has one in libpython3.11.
-# The bundle needs the host's glibc to be at least the build stage's
-# (bookworm: 2.36); older node distributions need an older build stage.
+# `ambient-agent install-cni` copies into the host's CNI bin dir. The bundle
+# must load on nodes with glibc >= cni/glibc_floor.py's floor (2.28, RHEL 8),
+# lower than bookworm's 2.36: PyInstaller runs on a CPython, OpenSSL, zlib
+# and libffi built for that floor with zig cc (cni/build-floor-python.sh,
+# as `make cni-plugin` does; several minutes, in a layer of its own).
 FROM debian:bookworm-slim AS cni-plugin
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv libpython3.11 binutils \
+ && apt-get install -y --no-install-recommends python3 python3-venv binutils make perl bzip2 xz-utils \
+      pkg-config ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /build/venv && /build/venv/bin/pip install "pyinstaller==6.22.3" "PyYAML>=6"
 WORKDIR /src
+COPY cni/build-floor-python.sh cni/glibc_floor.py ./cni/
+RUN floor=$(sed -n 's/^GLIBC_FLOOR = "\([0-9.]*\)".*/\1/p' cni/glibc_floor.py) \
+ && PYINSTALLER_VER=6.22.3 bash cni/build-floor-python.sh /build/glibc-floor "$floor" \
+ && rm -rf /build/glibc-floor/work /build/glibc-floor/src
 COPY agent ./agent
 COPY cni ./cni
-RUN /build/venv/bin/python -m PyInstaller --noconfirm --log-level WARN --distpath /out --workpath /build/work \
-      cni/ambient-cni.spec \
+RUN LD_LIBRARY_PATH=/build/glibc-floor/prefix/python/lib /build/glibc-floor/venv/bin/python -m PyInstaller \
+      --noconfirm --log-level WARN --distpath /out --workpath /build/work cni/ambient-cni.spec \
  && CNI_COMMAND=VERSION /out/ambient-cni/ambient-cni
 
-FROM debian:bookworm-slim
+FROM debian:bookworm-slim AS kernel-headers
 
-ARG LINUX_HEADERS=""
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 "linux-headers-$(dpkg --print-architecture)" \
+ && rm -rf /var/lib/apt/lists/*
+COPY agent/capture/kernel_headers.py /kernel_headers.py
+RUN python3 /kernel_headers.py bundle --to /out/kernel-headers
+
+FROM debian:bookworm-slim
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -61,7 +72,6 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       python3 python3-venv python3-bpfcc \
       iproute2 bpftool ca-certificates \
-      ${LINUX_HEADERS} \
  && rm -rf /var/lib/apt/lists/*
 
 # A virtualenv for the project's dependencies; Debian's bcc package (pure
@@ -72,6 +82,9 @@ RUN python3 -m venv /opt/ambient-agent \
  && echo /opt/ambient-agent/debian-bcc \
       > "$(/opt/ambient-agent/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-bcc.pth"
 
+# The kernel headers BCC compiles against (see "BCC and kernel headers" above).
+COPY --from=kernel-headers /out/kernel-headers /usr/share/ambient-agent/kernel-headers
+
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY agent ./agent
@@ -79,6 +92,7 @@ COPY cni ./cni
 COPY bpf ./bpf
 RUN /opt/ambient-agent/bin/pip install . \
  && /opt/ambient-agent/bin/python -c 'import agent.cli, cni.plugin, bcc' \
+ && /opt/ambient-agent/bin/python -c 'from agent.capture import kernel_headers as k; assert k.usable(k.BUNDLED_DIR)' \
  && cd / && rm -rf /src
 
 # The self-contained plugin, for `ambient-agent install-cni --plugin-source /opt/ambient-cni`.

@@ -206,16 +206,45 @@ def parse_environment(env) -> Environment:
         if not netns.startswith("/"):
             raise CniError(ERR_INVALID_ENV, "CNI_NETNS must be an absolute path", f"CNI_NETNS={netns!r}")
 
+    # K8S_POD_NAMESPACE and K8S_POD_NAME are not required here: without them
+    # the invocation is not for a Kubernetes pod (see ``not_a_kubernetes_pod``).
     args = parse_cni_args(env.get("CNI_ARGS", ""))
-    if command != "DEL":
-        # DEL without the pod's identity can still succeed (nothing to tell
-        # the agent); ADD and CHECK cannot decide anything without it.
-        for key in ("K8S_POD_NAMESPACE", "K8S_POD_NAME"):
-            if not args.get(key):
-                raise CniError(ERR_INVALID_ENV, f"CNI_ARGS lacks {key}",
-                               "ambient-cni serves Kubernetes pods: the runtime must pass "
-                               "K8S_POD_NAMESPACE and K8S_POD_NAME in CNI_ARGS")
     return Environment(command, container_id, netns, ifname, args, env.get("CNI_PATH", ""))
+
+
+def not_a_kubernetes_pod(env: Environment) -> str:
+    """Why this invocation carries no Kubernetes pod to decide on, or ``""``.
+
+    Kubernetes runtimes (containerd, CRI-O) always pass both
+    ``K8S_POD_NAMESPACE`` and ``K8S_POD_NAME``. Other runtimes sharing the
+    node's conflist do not: podman passes ``K8S_POD_NAME`` alone (its
+    containers/common leaves the namespace out on purpose), plain libcni
+    callers pass neither. Like istio-cni, ambient-cni then lets the container
+    through with ``prevResult`` untouched; failing it would make every
+    non-Kubernetes container on the node unstartable.
+    """
+    missing = [key for key in ("K8S_POD_NAMESPACE", "K8S_POD_NAME") if not env.args.get(key)]
+    if not missing:
+        return ""
+    return (f"not a Kubernetes pod: CNI_ARGS has no {' and no '.join(missing)} "
+            "(a runtime other than a Kubernetes one, such as podman); prevResult passed through")
+
+
+def log_file_hint(data: bytes) -> str | None:
+    """``log_file`` of a configuration that may not be valid otherwise, or None.
+
+    Used only to write an early failure (a bad environment, a bad field) to
+    the configured log as well as to stdout; never raises.
+    """
+    try:
+        raw = boundedjson.loads(data, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH,
+                                max_digits=MAX_CONFIG_DIGITS)
+    except (ValueError, RecursionError):     # boundedjson.JsonError is a ValueError
+        return None
+    path = raw.get("log_file") if isinstance(raw, dict) else None
+    if isinstance(path, str) and path.startswith("/") and "\x00" not in path:
+        return path
+    return None
 
 
 # -- configuration --------------------------------------------------------------
@@ -230,10 +259,8 @@ def _invalid(field: str, value, expected: str) -> CniError:
                     f"{field}={json.dumps(value)}")
 
 
-def _absolute_path(raw: dict, field: str, required: bool) -> str | None:
+def _absolute_path(raw: dict, field: str) -> str:
     value = raw.get(field)
-    if value is None and not required:
-        return None
     if not isinstance(value, str) or not value:
         raise _invalid(field, value, "is required (a path)" if value is None else "must be a path")
     if not value.startswith("/") or "\x00" in value:
@@ -286,7 +313,7 @@ def parse_config(data: bytes, command: str) -> PluginConfig:
         raise CniError(ERR_INCOMPATIBLE_VERSION, "config version does not allow CHECK",
                        f"cniVersion {version} < 0.4.0")
 
-    agent_socket = _absolute_path(raw, "agent_socket", required=True)
+    agent_socket = _absolute_path(raw, "agent_socket")
     state = raw.get("state")
     if not isinstance(state, str) or not state:
         raise _invalid("state", state, "is required (file:PATH or kube)" if state is None
@@ -296,7 +323,7 @@ def parse_config(data: bytes, command: str) -> PluginConfig:
         # The pod and its namespace come from the API server named in a
         # kubeconfig that install-cni writes (JSON, see cni.kube).
         state_path = None
-        kubeconfig = _absolute_path(raw, "kubeconfig", required=True)
+        kubeconfig = _absolute_path(raw, "kubeconfig")
     else:
         state_path = state_path_of(state)
         if state_path is None:
@@ -317,7 +344,7 @@ def parse_config(data: bytes, command: str) -> PluginConfig:
         raise _invalid("agent_timeout_seconds", timeout,
                        f"must be a number of seconds in (0, {MAX_AGENT_TIMEOUT_SECONDS:g}]")
 
-    log_file = _absolute_path(raw, "log_file", required=False)
+    log_file = None if raw.get("log_file") is None else _absolute_path(raw, "log_file")
 
     name = raw.get("name", "")
     prev = raw.get("prevResult")

@@ -44,7 +44,7 @@ SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 
 def is_candidate(name: str) -> bool:
     """A file the runtime could take as the primary network configuration."""
-    if name.startswith(".") or name.startswith(PLUGIN_TYPE):
+    if name.startswith((".", PLUGIN_TYPE)):
         return False            # hidden/temporary files (ours are ".name.tmp-*") and ours
     return name.endswith(CONFIG_EXTENSIONS)
 

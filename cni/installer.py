@@ -111,9 +111,9 @@ class PluginFiles:
             if not os.access(os.path.join(source, install.PLUGIN_TYPE), os.X_OK):
                 raise InstallError(f"plugin bundle {source} has no executable {install.PLUGIN_TYPE}")
             self.digest = bundle_digest(source)
-            self.bundle_name = BUNDLE_PREFIX + self.digest[:16]
+            self.bundle_name: str | None = BUNDLE_PREFIX + self.digest[:16]
             self.link = f"{self.bundle_name}/{install.PLUGIN_TYPE}"
-            self.data = None
+            self.data: bytes | None = None
         elif os.path.isfile(source):
             with open(source, "rb") as fh:
                 self.data = fh.read()
@@ -126,6 +126,7 @@ class PluginFiles:
         if not os.path.isdir(self.bin_dir):
             raise InstallError(f"CNI bin dir {self.bin_dir} does not exist")
         if self.bundle_name is None:
+            assert self.data is not None        # a file source, read in __init__
             if _read(self.target) == self.data and os.access(self.target, os.X_OK):
                 return False
             atomic_write(self.target, self.data, 0o755)
@@ -236,9 +237,8 @@ class ConfDir:
         for name in list(plan.writes) + plan.removes:
             if _read(os.path.join(self.path, name)) != seen.get(name):
                 return False            # the primary CNI is writing right now: next round
-        if plan.records is not None:
-            if plan.records:
-                atomic_write(self.record_path, install.encode_records(plan.records), 0o600)
+        if plan.records:                # None: records unchanged; []: removed below
+            atomic_write(self.record_path, install.encode_records(plan.records), 0o600)
         for name, data in plan.writes.items():
             old = os.path.join(self.path, name)
             mode = os.stat(old).st_mode & 0o777 if os.path.exists(old) else 0o644

@@ -116,7 +116,7 @@ class ApiReader:
     def _remaining(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise socket.timeout()
+            raise TimeoutError()
         return left
 
     def _connect(self) -> socket.socket:
@@ -138,6 +138,7 @@ class ApiReader:
             raise
 
     def _recv(self) -> None:
+        assert self.sock is not None, "_recv before _connect"
         self.sock.settimeout(self._remaining())
         chunk = self.sock.recv(65536)
         if not chunk:
@@ -221,7 +222,7 @@ class ApiReader:
         except KubeError:
             self.close()
             raise
-        except socket.timeout:
+        except TimeoutError:
             self.close()
             raise KubeError(f"no answer from {t.server} within {self.timeout:g} s") from None
         except (OSError, ValueError) as exc:             # ssl.SSLError is an OSError

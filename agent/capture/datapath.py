@@ -1,10 +1,12 @@
 """The node's capture data path: eBPF programs, pinned maps and links.
 
-A short-lived loader process (``agent/capture/loader.py``) compiles
-``bpf/*.c`` with BCC, attaches the cgroup programs and pins everything under
-one pin directory per node agent; the agent then opens those pins with
-``bpf(BPF_OBJ_GET)`` and never imports BCC, so LLVM (about 120 MB once a
-program is compiled) never stays mapped in the process that runs for days.
+A short-lived loader process (``agent/capture/loader.py``), run once per
+agent start, compiles ``bpf/*.c`` with BCC (against the kernel headers the
+image bundles: ``kernel_headers.py``), attaches the cgroup programs and pins
+everything under one pin directory per node agent; the agent then opens
+those pins with ``bpf(BPF_OBJ_GET)`` and never imports BCC, so LLVM (about
+120 MB once a program is compiled) never stays mapped in the process that
+runs for days.
 Everything is pinned so that:
 
 * the cgroup programs (connect4/6, sock_ops) stay attached when the agent
@@ -30,12 +32,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import ipaddress
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,20 +145,61 @@ def ensure_bpffs() -> None:
     subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
 
 
-def loader_command(pin_dir: str, cgroup: str) -> list[str]:
+@dataclass(frozen=True)
+class LoaderReport:
+    """What a successful loader run tells the agent, as one line of its stderr.
+
+    ``compile_seconds``: BCC's compile of ``bpf/*.c`` (clang inside libbcc;
+    it also creates or reopens the pinned maps, which takes milliseconds).
+    ``kernel_headers``: the tree it compiled against, or ``host``;
+    ``headers_source``: why that one (``kernel_headers.HeaderChoice.source``).
+    """
+    compile_seconds: float
+    kernel_headers: str
+    headers_source: str
+
+    PREFIX = "loader-report "
+
+    def line(self) -> str:
+        return self.PREFIX + json.dumps({"compile_seconds": round(self.compile_seconds, 4),
+                                         "kernel_headers": self.kernel_headers,
+                                         "headers_source": self.headers_source}, sort_keys=True)
+
+    @classmethod
+    def parse(cls, stderr: str) -> LoaderReport | None:
+        """The last report line in ``stderr``; None if there is none or it is malformed."""
+        for line in reversed(stderr.splitlines()):
+            if line.startswith(cls.PREFIX):
+                try:
+                    d = json.loads(line[len(cls.PREFIX):])
+                    return cls(float(d["compile_seconds"]), str(d["kernel_headers"]),
+                               str(d["headers_source"]))
+                except (ValueError, KeyError, TypeError):
+                    return None
+        return None
+
+
+def loader_command(pin_dir: str, cgroup: str, kernel_headers: str | None = None) -> list[str]:
     """The loader's command line: this interpreter, so BCC's ``.pth`` setup is the same."""
-    return [sys.executable, "-m", "agent.capture.loader", "--pin-dir", pin_dir, "--cgroup", cgroup]
+    cmd = [sys.executable, "-m", "agent.capture.loader", "--pin-dir", pin_dir, "--cgroup", cgroup]
+    if kernel_headers is not None:
+        cmd += ["--kernel-headers", kernel_headers]
+    return cmd
 
 
-def run_loader(pin_dir: str, cgroup: str, timeout: float = LOADER_TIMEOUT_SECONDS) -> str:
-    """Run the loader to completion; its stderr on success, ``CaptureError`` otherwise."""
-    cmd = loader_command(pin_dir, cgroup)
+def run_loader(pin_dir: str, cgroup: str, timeout: float = LOADER_TIMEOUT_SECONDS,
+               kernel_headers: str | None = None) -> str:
+    """Run the loader to completion; its stderr on success, ``CaptureError`` otherwise.
+
+    ``kernel_headers`` None: the loader's default (``$AMBIENT_AGENT_KERNEL_HEADERS``,
+    else ``auto``: the image's bundled headers; see ``kernel_headers.py``).
+    """
+    cmd = loader_command(pin_dir, cgroup, kernel_headers)
     env = dict(os.environ)
     # `-m agent.capture.loader` must find this very package, whatever the cwd.
     env["PYTHONPATH"] = os.pathsep.join(x for x in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if x)
     try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, errors="replace",
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
                               timeout=timeout, env=env, close_fds=True)
     except subprocess.TimeoutExpired as exc:   # run() has killed and reaped it
         raise CaptureError(f"BPF loader did not finish within {timeout:g} s and was killed; "
@@ -177,10 +222,15 @@ class CaptureDatapath:
     """One node agent's BPF programs and maps."""
 
     def __init__(self, pin_dir: str, cgroup: str = DEFAULT_CGROUP,
-                 loader_timeout: float = LOADER_TIMEOUT_SECONDS) -> None:
+                 loader_timeout: float = LOADER_TIMEOUT_SECONDS, kernel_headers: str | None = None) -> None:
         self.pin_dir = pin_dir
         self.cgroup = cgroup
         self.loader_timeout = loader_timeout
+        self.kernel_headers = kernel_headers
+        # Set by load(): the loader's report and the wall time of its whole run
+        # (interpreter start, BCC import, compile, attach, pin).
+        self.report: LoaderReport | None = None
+        self.loader_seconds: float | None = None
         self._sk_lookup_fd = -1
         self._maps: dict[str, int] = {}
         self._links: dict[int, int] = {}   # netns cookie -> link fd
@@ -189,10 +239,21 @@ class CaptureDatapath:
     # -- loading -----------------------------------------------------------
 
     def load(self) -> None:
-        """Have the loader attach fresh programs (replacing a previous agent's), then open the pins."""
-        stderr = run_loader(self.pin_dir, self.cgroup, self.loader_timeout)
+        """Have the loader attach fresh programs (replacing a previous agent's), then open the pins.
+
+        The agent calls this once, at start (``NodeAgent.run``); pods are
+        captured later through the pinned program and maps, with no compile.
+        """
+        started = time.monotonic()
+        stderr = run_loader(self.pin_dir, self.cgroup, self.loader_timeout, self.kernel_headers)
+        self.loader_seconds = time.monotonic() - started
+        self.report = LoaderReport.parse(stderr)
         for line in stderr.strip().splitlines():
             log.debug("loader: %s", line)
+        if self.report is not None:
+            log.info("BPF programs compiled in %.2f s against kernel headers %s (%s); loader took %.2f s",
+                     self.report.compile_seconds, self.report.kernel_headers, self.report.headers_source,
+                     self.loader_seconds)
         try:
             for name in MAPS:
                 self._maps[name] = bpfsys.obj_get(os.path.join(self.pin_dir, name))

@@ -1,6 +1,6 @@
 """The capture programs' loader: compile, load, attach, pin, exit.
 
-``python -m agent.capture.loader --pin-dir DIR --cgroup CGROUP``
+``python -m agent.capture.loader --pin-dir DIR --cgroup CGROUP [--kernel-headers auto|host|PATH]``
 
 The agent runs this as a short-lived child (``CaptureDatapath.load``) and
 then works only on what it pinned, through ``bpf()`` (``bpfsys``). BCC is
@@ -18,7 +18,11 @@ What it leaves behind in ``DIR`` (the layout is in ``datapath``'s docstring):
 * the sk_lookup program, pinned as ``prog_sk_lookup``, with every pinned
   link of a previous agent already pointing at it.
 
-Exit status 0 when all of that holds; otherwise 1 and the reason as the last
+BCC compiles against the kernel headers the image bundles, not the host's
+(``kernel_headers.py``; docs/CAPTURE.md, "Kernel headers").
+
+Exit status 0 when all of that holds, with a ``LoaderReport`` line (compile
+time, headers used) last on stderr; otherwise 1 and the reason as the last
 line on stderr (the agent puts it into its ``CaptureError``). A failed load
 leaves the previous programs attached: pods stay captured or fail closed.
 """
@@ -32,23 +36,49 @@ import os
 import sys
 import time
 
-from agent.capture import bpfsys
-from agent.capture.datapath import (BPF_SOURCE_DIR, BPF_SOURCES, CGROUP_PROGRAMS, DEFAULT_CGROUP, MAPS,
-                                    SK_LOOKUP_PIN, CaptureError, detach_pinned, ensure_bpffs)
+from agent.capture import bpfsys, kernel_headers
+from agent.capture.datapath import (
+    BPF_SOURCE_DIR,
+    BPF_SOURCES,
+    CGROUP_PROGRAMS,
+    DEFAULT_CGROUP,
+    MAPS,
+    SK_LOOKUP_PIN,
+    CaptureError,
+    LoaderReport,
+    detach_pinned,
+    ensure_bpffs,
+)
 
 log = logging.getLogger("agent.capture.loader")
 
 STAGED = "_staged"   # bpffs names may not contain dots: <pin>_staged<pid>
 
 
-def load(pin_dir: str, cgroup: str) -> None:
-    """Compile ``bpf/*.c``, attach and pin; replace a previous loader's programs."""
+def load(pin_dir: str, cgroup: str, headers: str = kernel_headers.AUTO) -> LoaderReport:
+    """Compile ``bpf/*.c``, attach and pin; replace a previous loader's programs.
+
+    ``headers``: the kernel header tree BCC compiles against (``auto``,
+    ``host`` or a path; ``kernel_headers.choose`` says what each means).
+    """
     # Open the cgroup first: a wrong --cgroup fails before a compile is paid for.
     try:
         cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise CaptureError(f"open cgroup {cgroup}: {exc.strerror}") from exc
     try:
+        try:
+            choice = kernel_headers.choose(headers, os.environ.get(kernel_headers.BCC_ENV),
+                                           kernel_headers.usable)
+        except kernel_headers.HeadersError as exc:
+            raise CaptureError(str(exc)) from exc
+        # libbcc reads BCC_KERNEL_SOURCE with getenv() at each compile;
+        # os.environ writes through to the C environment.
+        if choice.path is None:
+            os.environ.pop(kernel_headers.BCC_ENV, None)
+        else:
+            os.environ[kernel_headers.BCC_ENV] = choice.path
+        log.info("kernel headers: %s %s", choice.describe(), kernel_headers.origin(choice.path))
         ensure_bpffs()
         os.makedirs(pin_dir, mode=0o700, exist_ok=True)
         try:
@@ -57,10 +87,14 @@ def load(pin_dir: str, cgroup: str) -> None:
             raise CaptureError(f"cannot import BCC (Debian's python3-bpfcc) with {sys.executable}: "
                                f"{exc}") from exc
         text = "".join((BPF_SOURCE_DIR / name).read_text() for name in BPF_SOURCES)
+        started = time.monotonic()
         try:
+            # Compiles (clang, in libbcc) and creates or reuses the pinned maps.
             bpf = BPF(text=text, cflags=[f"-I{BPF_SOURCE_DIR}", f'-DPIN_DIR="{pin_dir}"'])
         except Exception as exc:
-            raise CaptureError(f"compile {', '.join(BPF_SOURCES)}: {exc}") from exc
+            raise CaptureError(f"compile {', '.join(BPF_SOURCES)} against kernel headers "
+                               f"{choice.describe()}: {exc}") from exc
+        compile_seconds = time.monotonic() - started
         for name in MAPS:
             if not os.path.exists(os.path.join(pin_dir, name)):
                 raise CaptureError(f"map {name} was not pinned in {pin_dir}")
@@ -88,6 +122,7 @@ def load(pin_dir: str, cgroup: str) -> None:
         os.close(cg_fd)
     log.info("programs attached at %s and pinned in %s; %d sk_lookup link(s) adopted",
              cgroup, pin_dir, adopted)
+    return LoaderReport(compile_seconds, choice.path or kernel_headers.HOST, choice.source)
 
 
 def _replace_cgroup_program(pin_dir: str, cg_fd: int, pin_name: str, prog_fd: int,
@@ -162,16 +197,27 @@ def main(argv: list[str] | None = None) -> int:
                                 description="compile, attach and pin the capture programs, then exit")
     p.add_argument("--pin-dir", required=True, help="the agent's --pin-dir")
     p.add_argument("--cgroup", default=DEFAULT_CGROUP, help="cgroup v2 directory to attach to")
+    p.add_argument("--kernel-headers", metavar="auto|host|PATH",
+                   default=os.environ.get(kernel_headers.SETTING_ENV) or kernel_headers.AUTO,
+                   help="kernel header tree BCC compiles against: 'auto' (default; $BCC_KERNEL_SOURCE if "
+                        f"set, else the bundle at {kernel_headers.BUNDLED_DIR} if present, else the host's), "
+                        "'host' (/lib/modules/$(uname -r)/build, else /sys/kernel/kheaders.tar.xz) or a "
+                        f"tree made by kernel_headers.py; default from ${kernel_headers.SETTING_ENV}")
     args = p.parse_args(argv)
+    # libbcc writes some errors ("Unable to find kernel headers") to stdout:
+    # send them where the agent reads the loader's reasons.
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     try:
-        load(args.pin_dir, args.cgroup)
+        report = load(args.pin_dir, args.cgroup, args.kernel_headers)
     except (CaptureError, OSError) as exc:
         print(f"loader: {exc}", file=sys.stderr, flush=True)
         return 1
-    log.info("done in %.2f s", time.monotonic() - started)
+    log.info("done in %.2f s (compile %.2f s)", time.monotonic() - started, report.compile_seconds)
+    print(report.line(), file=sys.stderr, flush=True)   # for the agent: datapath.LoaderReport.parse
     return 0
 
 

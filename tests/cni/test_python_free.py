@@ -10,7 +10,8 @@ no Python can be found or run. VERSION and two ADDs (a pod of a mesh
 namespace, enrolled through a stand-in agent; a pod outside the mesh) must
 give the right CNI results, with the pod read over HTTPS (verified against
 the CA install-cni embedded in the plugin's kubeconfig) from the test-only
-API server.
+API server. It also checks that no ELF file of the bundle needs a glibc
+newer than the floor in ``cni/glibc_floor.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.cnichain import plugin_config
-from tests.kubeapi import objects
-from tests.kubeapi.server import KubeApiServer
+from lab.cnichain import plugin_config
+from cni.glibc_floor import GLIBC_FLOOR
+from lab.kubeapi import objects
+from lab.kubeapi.server import KubeApiServer
 from tests.unit.test_cni_install import FLANNEL
 from tests.unit.test_cni_plugin import AMBIENT, ENROLLED, PREV_100, FakeAgent
 
@@ -43,7 +46,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare")
 def bundle() -> Path:
     # `make test` builds it first; this keeps a lone pytest run honest too
     # (idempotent: rebuilt only when the plugin's sources are newer than the bundle).
-    done = subprocess.run(["make", "-s", "cni-plugin"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    # The first build on a machine also builds the glibc-floor CPython (minutes; see the Makefile).
+    done = subprocess.run(["make", "-s", "cni-plugin"], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.access(BUNDLE / "ambient-cni", os.X_OK)
     return BUNDLE
@@ -69,6 +73,35 @@ def python_places() -> tuple[list[str], list[str]]:
     # A tmpfs over a directory hides what is below it: mount only the outermost.
     outer = [d for d in dirs if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in dirs)]
     return sorted(files), sorted(outer)
+
+
+def hide_every_python(tmp_path: Path) -> str:
+    """The start of a ``sh`` script, run under ``unshare --mount``, that hides
+    every Python of this machine, then proves none can be found or run
+    (exit 90-94 otherwise) and prints ``no-python-here``."""
+    files, dirs = python_places()
+    assert dirs and files, "nothing to hide: the proof would be vacuous"
+    empty_file = tmp_path / "empty"
+    empty_file.write_bytes(b"")
+    empty_file.chmod(0o644)                      # not executable: exec fails, PATH lookups skip it
+    script = "set -e\n"
+    script += "".join(f"mount --bind {shlex.quote(str(empty_file))} {shlex.quote(f)}\n" for f in files)
+    script += "".join(f"mount -t tmpfs -o ro,size=4k ambient-no-python {shlex.quote(d)}\n" for d in dirs)
+    script += f"""
+set +e
+export PATH={shlex.quote(os.environ.get('PATH', '/usr/bin:/bin'))}:/usr/local/bin
+for name in python python3 python3.11 python3.12 python3.13 python2; do
+  if command -v $name >/dev/null 2>&1; then echo "found $(command -v $name)"; exit 90; fi
+done
+for lib in $(ldconfig -p | awk '/libpython/ {{print $NF}}'); do
+  if [ -s "$lib" ]; then echo "found $lib"; exit 91; fi
+done
+python3 -c 'print(1)' >/dev/null 2>&1 && exit 92
+/usr/bin/python3 -c 'print(1)' >/dev/null 2>&1 && exit 93
+{sys.executable} -c 'print(1)' >/dev/null 2>&1 && exit 94
+echo no-python-here
+"""
+    return script
 
 
 def test_installed_plugin_runs_with_every_python_hidden(bundle, tmp_path):
@@ -106,10 +139,6 @@ def test_installed_plugin_runs_with_every_python_hidden(bundle, tmp_path):
 
         agent = FakeAgent(sock, ENROLLED)
         try:
-            files, dirs = python_places()
-            empty_file = tmp_path / "empty"
-            empty_file.write_bytes(b"")
-            empty_file.chmod(0o644)                      # not executable: exec fails, PATH lookups skip it
             plugin = shlex.quote(str(bin_dir / "ambient-cni"))
 
             def invoke(tag: str, command: str, namespace: str = "") -> str:
@@ -122,23 +151,7 @@ def test_installed_plugin_runs_with_every_python_hidden(bundle, tmp_path):
                         f"< {shlex.quote(str(out / 'add.json'))} > {out}/{tag}.out 2> {out}/{tag}.err; "
                         f"echo $? > {out}/{tag}.rc\n")
 
-            script = "set -e\n"
-            script += "".join(f"mount --bind {shlex.quote(str(empty_file))} {shlex.quote(f)}\n" for f in files)
-            script += "".join(f"mount -t tmpfs -o ro,size=4k ambient-no-python {shlex.quote(d)}\n" for d in dirs)
-            script += f"""
-set +e
-export PATH={shlex.quote(os.environ.get('PATH', '/usr/bin:/bin'))}:/usr/local/bin
-for name in python python3 python3.11 python3.12 python3.13 python2; do
-  if command -v $name >/dev/null 2>&1; then echo "found $(command -v $name)"; exit 90; fi
-done
-for lib in $(ldconfig -p | awk '/libpython/ {{print $NF}}'); do
-  if [ -s "$lib" ]; then echo "found $lib"; exit 91; fi
-done
-python3 -c 'print(1)' >/dev/null 2>&1 && exit 92
-/usr/bin/python3 -c 'print(1)' >/dev/null 2>&1 && exit 93
-{sys.executable} -c 'print(1)' >/dev/null 2>&1 && exit 94
-echo no-python-here
-"""
+            script = hide_every_python(tmp_path)
             script += invoke("version", "VERSION")
             script += invoke("mesh", "ADD", "mesh")
             script += invoke("plain", "ADD", "plain")
@@ -149,7 +162,6 @@ echo no-python-here
         asked = [r.path for r in api.requests]
 
     assert run.returncode == 0 and "no-python-here" in run.stdout, (run.returncode, run.stdout, run.stderr)
-    assert dirs and files, "nothing was hidden: the proof would be vacuous"
 
     def result(tag):
         rc = int((out / f"{tag}.rc").read_text())
@@ -170,3 +182,28 @@ echo no-python-here
     assert rc == 0, (added, err)
     assert added["ips"] == PREV_100["ips"]
     assert "/api/v1/namespaces/mesh/pods/web" in asked and "/api/v1/namespaces/plain/pods/web" in asked
+
+
+def glibc_needs(path: Path) -> tuple[int, ...]:
+    """The highest ``GLIBC_x.y`` symbol version ``path`` needs (``()``: none)."""
+    done = subprocess.run(["objdump", "-T", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (path, done.stderr)
+    versions = {tuple(int(n) for n in v.split(".")) for v in re.findall(r"\bGLIBC_([0-9]+(?:\.[0-9]+)+)\b",
+                                                                         done.stdout)}
+    return max(versions, default=())
+
+
+def test_no_elf_of_the_bundle_needs_a_glibc_above_the_floor(bundle):
+    # Every ELF file, whatever its name: the bootloader, libpython, the
+    # extension modules, and any library PyInstaller collected.
+    elves = [p for p in sorted(bundle.rglob("*")) if p.is_file() and not p.is_symlink()
+             and p.open("rb").read(4) == b"\x7fELF"]
+    names = {p.name for p in elves}
+    assert "ambient-cni" in names and any(n.startswith("libpython3") for n in names), names
+    assert any(n.startswith("_ssl.") for n in names), names    # HTTPS to the API server
+    floor = tuple(int(n) for n in GLIBC_FLOOR.split("."))
+    needs = {str(p.relative_to(bundle)): glibc_needs(p) for p in elves}
+    assert needs["_internal/" + next(n for n in sorted(names) if n.startswith("libpython3"))] > (2, 2), \
+        "libpython needs no versioned glibc symbol: objdump output misread"
+    above = {name: ".".join(map(str, v)) for name, v in needs.items() if v > floor}
+    assert not above, f"needs glibc above the floor {GLIBC_FLOOR}: {above}"

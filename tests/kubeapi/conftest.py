@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.kubeapi.server import KubeApiServer
+from lab.kubeapi.server import KubeApiServer
 
 
 @pytest.fixture

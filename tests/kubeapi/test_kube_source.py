@@ -1,6 +1,6 @@
 """The kube state source (agent/state/kube.py) against the stand-in API server.
 
-The official client talks HTTP to tests/kubeapi/server.py; the tests change
+The official client talks HTTP to lab/kubeapi/server.py; the tests change
 the cluster, break watches, compact history and remove CRDs, and check what
 the ClusterState the agent would use looks like afterwards.
 """
@@ -14,8 +14,8 @@ import pytest
 from agent.state.kube import KubeError, KubeStateSource
 from agent.state.model import StateError
 from agent.state.source import open_state_source
-from tests.kubeapi import objects
-from tests.kubeapi.server import KubeApiServer
+from lab.kubeapi import objects
+from lab.kubeapi.server import KubeApiServer
 
 FAST = dict(watch_timeout=5, backoff_min=0.05, backoff_max=0.5, crd_retry_interval=0.5,
             sync_timeout=10, coalesce=0.02)

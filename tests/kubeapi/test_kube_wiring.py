@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity.ca import CaServer
+from agent.ca.server import CaServer
 from agent.identity.client import CaClient, CaError
 from tests.identity.conftest import API_URI, PODS, TOKENS, WEB_URI, Env, free_port, new_csr, pod
 
@@ -72,7 +72,7 @@ def test_ca_process_with_state_kube(kubeapi, kubeconfig, env, tmp_path):
     bundle = tmp_path / "root.pem"
     log_path = tmp_path / "ca.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.identity.cli", "ca", "--ca-dir", env.ca_dir,
+        proc = subprocess.Popen([sys.executable, "-m", "agent.ca.cli", "ca", "--ca-dir", env.ca_dir,
                                  "--tokens", env.tokens, "--state", f"kube:{kubeconfig}",
                                  "--listen", f"127.0.0.1:{port}", "--root-cert-out", str(bundle)],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -107,7 +107,7 @@ def test_agent_run_with_an_unusable_kubeconfig_exits_with_a_clear_error(tmp_path
 
 
 def test_policy_explain_reads_the_api(kubeapi, kubeconfig):
-    from tests.kubeapi import objects
+    from lab.kubeapi import objects
     kubeapi.create(objects.pod("api", "backend", ip="198.18.1.10", labels={"app": "api"}, service_account="api"))
     kubeapi.create(objects.pod("website", "frontend", ip="198.18.2.10", labels={"app": "website"},
                                service_account="website"))

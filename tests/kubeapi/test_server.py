@@ -11,8 +11,8 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.kubeapi import objects
-from tests.kubeapi.server import KubeApiServer, parse_label_selector
+from lab.kubeapi import objects
+from lab.kubeapi.server import KubeApiServer, parse_label_selector
 
 
 def _watch_events(func, *args, **kwargs):
@@ -375,3 +375,173 @@ def test_https_with_the_kubeconfig_ca(tmp_path):
             client.CoreV1Api(bare).list_namespace()
         assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) or isinstance(err.value, ssl.SSLError)
         bare.close()
+
+
+# -- what kubectl needs: discovery, /version, keep-alive hygiene, strategic merge patch ----------
+
+KUBECTL_ACCEPT = ("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,"
+                  "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,"
+                  "application/json")
+
+
+def _raw(conn, api, method, path, body=None, headers=None, token=True):
+    """One request on an open http.client connection: (status, content type, parsed JSON)."""
+    import json
+    hdrs = {"Accept": "application/json", **(headers or {})}
+    if token:
+        hdrs["Authorization"] = f"Bearer {api.token}"
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body   # bytes, None, iterator
+    conn.request(method, path, body=data, headers=hdrs,
+                 encode_chunked=hdrs.get("Transfer-Encoding") == "chunked")
+    resp = conn.getresponse()
+    raw = resp.read()
+    return resp.status, resp.getheader("Content-Type"), json.loads(raw) if raw else None
+
+
+@pytest.fixture
+def conn(kubeapi):
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", kubeapi.port, timeout=5)
+    yield c
+    c.close()
+
+
+def test_version_is_public_as_on_a_real_cluster(kubeapi, conn):
+    status, _, doc = _raw(conn, kubeapi, "GET", "/version", token=False)
+    assert status == 200 and (doc["major"], doc["minor"]) == ("1", "33")
+    assert doc["gitVersion"] == "v1.33.0" and "stand-in" in doc["gitCommit"]
+    # Everything else still needs the token.
+    assert _raw(conn, kubeapi, "GET", "/api", token=False)[0] == 401
+
+
+def test_legacy_discovery_documents(kubeapi, conn):
+    status, ctype, core = _raw(conn, kubeapi, "GET", "/api")
+    assert status == 200 and ctype == "application/json"
+    assert core["kind"] == "APIVersions" and core["versions"] == ["v1"]
+    _, _, groups = _raw(conn, kubeapi, "GET", "/apis")
+    by_name = {g["name"]: g for g in groups["groups"]}
+    assert set(by_name) == {"discovery.k8s.io", "security.istio.io", "authentication.k8s.io"}
+    assert by_name["security.istio.io"]["preferredVersion"]["version"] == "v1"
+    _, _, v1 = _raw(conn, kubeapi, "GET", "/api/v1")
+    short = {r["name"]: r.get("shortNames") for r in v1["resources"]}
+    assert short == {"pods": ["po"], "namespaces": ["ns"], "services": ["svc"], "nodes": ["no"]}
+    _, _, istio = _raw(conn, kubeapi, "GET", "/apis/security.istio.io/v1")
+    assert {r["name"]: r["shortNames"] for r in istio["resources"]} == {
+        "authorizationpolicies": ["ap"], "peerauthentications": ["pa"]}
+    assert all("istio-io" in r["categories"] for r in istio["resources"])
+    _, _, authn = _raw(conn, kubeapi, "GET", "/apis/authentication.k8s.io/v1")
+    assert [(r["name"], r["verbs"]) for r in authn["resources"]] == [("tokenreviews", ["create"])]
+    status, _, group = _raw(conn, kubeapi, "GET", "/apis/security.istio.io")
+    assert status == 200 and group["kind"] == "APIGroup" and len(group["versions"]) == 2
+    assert _raw(conn, kubeapi, "GET", "/apis/nope.example.com")[0] == 404
+    assert _raw(conn, kubeapi, "GET", "/apis/security.istio.io/v2")[0] == 404
+
+
+def test_aggregated_discovery_when_the_client_asks_for_it(kubeapi, conn):
+    status, ctype, core = _raw(conn, kubeapi, "GET", "/api", headers={"Accept": KUBECTL_ACCEPT})
+    assert status == 200
+    assert ctype == "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+    assert core["kind"] == "APIGroupDiscoveryList" and core["apiVersion"] == "apidiscovery.k8s.io/v2"
+    (item,) = core["items"]
+    assert item["metadata"]["name"] == "" and item["versions"][0]["version"] == "v1"
+    pods = [r for r in item["versions"][0]["resources"] if r["resource"] == "pods"][0]
+    assert pods["shortNames"] == ["po"] and pods["scope"] == "Namespaced"
+    _, _, named = _raw(conn, kubeapi, "GET", "/apis", headers={"Accept": KUBECTL_ACCEPT})
+    istio = [i for i in named["items"] if i["metadata"]["name"] == "security.istio.io"][0]
+    assert [v["version"] for v in istio["versions"]] == ["v1", "v1beta1"]     # preferred first
+    kubeapi.aggregated_discovery = False        # an older server: the client must fall back
+    status, ctype, doc = _raw(conn, kubeapi, "GET", "/apis", headers={"Accept": KUBECTL_ACCEPT})
+    assert ctype == "application/json" and doc["kind"] == "APIGroupList"
+
+
+def test_discovery_follows_the_istio_crd_versions(kubeapi, conn):
+    kubeapi.set_istio_versions({"v1beta1"})
+    _, _, groups = _raw(conn, kubeapi, "GET", "/apis")
+    istio = [g for g in groups["groups"] if g["name"] == "security.istio.io"][0]
+    assert [v["version"] for v in istio["versions"]] == ["v1beta1"]
+    assert istio["preferredVersion"]["version"] == "v1beta1"
+    assert _raw(conn, kubeapi, "GET", "/apis/security.istio.io/v1")[0] == 404
+    kubeapi.set_crds_present(False)
+    _, _, agg = _raw(conn, kubeapi, "GET", "/apis", headers={"Accept": KUBECTL_ACCEPT})
+    assert "security.istio.io" not in {i["metadata"]["name"] for i in agg["items"]}
+
+
+def test_error_answers_read_the_whole_body_so_keep_alive_stays_in_sync(kubeapi, conn):
+    """Every error path consumes the request body before answering: leftover
+    body bytes would otherwise be parsed as the next request on the connection."""
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x" * 2000}}
+    assert _raw(conn, kubeapi, "POST", "/no/such/path", body)[0] == 404
+    assert _raw(conn, kubeapi, "POST", "/api/v1/namespaces", body, token=False)[0] == 401
+    assert _raw(conn, kubeapi, "POST", "/api/v1/namespaces/ns1/namespaces", body)[0] == 404
+    assert _raw(conn, kubeapi, "PUT", "/api/v1/namespaces/x", body)[0] == 405
+    assert _raw(conn, kubeapi, "GET", "/apis/authentication.k8s.io/v1/tokenreviews", body)[0] == 405
+    assert _raw(conn, kubeapi, "PATCH", "/api/v1/namespaces/x", [{"op": "add"}],
+                headers={"Content-Type": "application/json-patch+json"})[0] == 415
+    kubeapi.refused["/api/v1/pods"] = 503
+    assert _raw(conn, kubeapi, "POST", "/api/v1/pods", body)[0] == 503
+    kubeapi.fail_next.append(("/api/v1/services", 500))
+    assert _raw(conn, kubeapi, "POST", "/api/v1/services", body)[0] == 500
+    # A chunked body (no Content-Length) is consumed as well.
+    chunks = iter([b'{"kind": "Names', b'pace"}'])
+    assert _raw(conn, kubeapi, "POST", "/no/such/path", chunks,
+                headers={"Transfer-Encoding": "chunked"})[0] == 404
+    sock = conn.sock
+    status, _, listed = _raw(conn, kubeapi, "GET", "/api/v1/namespaces")
+    assert status == 200 and listed["kind"] == "NamespaceList"
+    assert conn.sock is sock, "the server closed the keep-alive connection"
+    # The server saw exactly the requests sent: no body was parsed as a request.
+    assert [(r.method, r.path) for r in kubeapi.requests] == [
+        ("POST", "/no/such/path"), ("POST", "/api/v1/namespaces"),
+        ("POST", "/api/v1/namespaces/ns1/namespaces"), ("PUT", "/api/v1/namespaces/x"),
+        ("GET", "/apis/authentication.k8s.io/v1/tokenreviews"), ("PATCH", "/api/v1/namespaces/x"),
+        ("POST", "/api/v1/pods"), ("POST", "/api/v1/services"), ("POST", "/no/such/path"),
+        ("GET", "/api/v1/namespaces")]
+
+
+def test_strategic_merge_patch_applies_list_directives(kubeapi, conn):
+    kubeapi.create(objects.service("web", "ns1"))
+    kubeapi.patch("Service", "ns1", "web", {"spec": {"ports": [
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+        {"name": "admin", "port": 9090, "targetPort": 9090, "protocol": "TCP"}]}})
+    # The shape kubectl apply sends when a port is removed from the manifest.
+    patch = {"spec": {"$setElementOrder/ports": [{"port": 80}],
+                      "ports": [{"port": 80, "targetPort": 8081}, {"$patch": "delete", "port": 9090}]}}
+    status, _, svc = _raw(conn, kubeapi, "PATCH", "/api/v1/namespaces/ns1/services/web", patch,
+                          headers={"Content-Type": "application/strategic-merge-patch+json"})
+    assert status == 200
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": 8081, "protocol": "TCP"}]
+    assert "$setElementOrder/ports" not in svc["spec"]
+    # Custom resources take merge patches only, as on a real server.
+    kubeapi.create(objects.authorization_policy("p", "ns1"))
+    path = "/apis/security.istio.io/v1/namespaces/ns1/authorizationpolicies/p"
+    assert _raw(conn, kubeapi, "PATCH", path, {"spec": {"action": "DENY"}},
+                headers={"Content-Type": "application/strategic-merge-patch+json"})[0] == 415
+    status, _, ap = _raw(conn, kubeapi, "PATCH", path, {"spec": {"action": "DENY"}},
+                         headers={"Content-Type": "application/merge-patch+json"})
+    assert status == 200 and ap["spec"]["action"] == "DENY"
+    bad = {"spec": {"ports": [{"name": "no-merge-key"}]}}
+    assert _raw(conn, kubeapi, "PATCH", "/api/v1/namespaces/ns1/services/web", bad,
+                headers={"Content-Type": "application/strategic-merge-patch+json"})[0] == 400
+
+
+def test_writes_with_dry_run_are_refused_not_made(kubeapi, conn):
+    body = objects.namespace("dry")
+    status, _, err = _raw(conn, kubeapi, "POST", "/api/v1/namespaces?dryRun=All", body)
+    assert status == 400 and "dryRun" in err["message"]
+    assert kubeapi.get("Namespace", "", "dry") is None
+
+
+def test_created_namespace_gets_the_server_defaults(kubeapi, conn):
+    status, _, ns = _raw(conn, kubeapi, "POST", "/api/v1/namespaces",
+                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "fresh"}})
+    assert status == 201 and ns["metadata"]["labels"] == {"kubernetes.io/metadata.name": "fresh"}
+    assert ns["status"] == {"phase": "Active"}
+
+
+def test_protobuf_bodies_are_refused_with_415(kubeapi, conn):
+    status, _, err = _raw(conn, kubeapi, "POST", "/api/v1/namespaces", b"k8s\x00\n\x0f\n\x02v1",
+                          headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    assert status == 415 and "application/json only" in err["message"]
+    # The connection is still usable and JSON creates work.
+    assert _raw(conn, kubeapi, "POST", "/api/v1/namespaces", objects.namespace("ok"),
+                headers={"Content-Type": "application/json"})[0] == 201

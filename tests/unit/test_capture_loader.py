@@ -18,7 +18,7 @@ from agent.capture.datapath import CaptureDatapath, CaptureError
 
 def _fake_loader(monkeypatch, code: str) -> None:
     monkeypatch.setattr(datapath, "loader_command",
-                        lambda pin_dir, cgroup: [sys.executable, "-c", code, pin_dir, cgroup])
+                        lambda pin_dir, cgroup, headers=None: [sys.executable, "-c", code, pin_dir, cgroup])
 
 
 def test_a_failing_loader_gives_a_capture_error_with_its_stderr(monkeypatch, tmp_path):
@@ -63,3 +63,57 @@ def test_the_real_loader_reports_a_missing_cgroup_before_compiling(tmp_path):
         dp.load()
     assert f"loader: open cgroup {missing}: No such file or directory" in str(err.value)
     assert not (tmp_path / "pins").exists()
+
+
+# -- the loader's report: compile time and kernel headers (issue 16) -----------------------------
+
+def test_the_loader_report_survives_the_trip_through_stderr():
+    report = datapath.LoaderReport(0.8123, "/usr/share/ambient-agent/kernel-headers", "bundled")
+    stderr = ("2026-11-30 INFO agent.capture.loader: done in 0.95 s\n"
+              f"{report.line()}\n")
+    assert datapath.LoaderReport.parse(stderr) == report
+
+
+@pytest.mark.parametrize("stderr", [
+    "",
+    "loader: compile stats.c: failed\n",
+    "loader-report {not json\n",
+    'loader-report {"compile_seconds": 1.0}\n',
+])
+def test_no_report_or_a_malformed_one_gives_none(stderr):
+    assert datapath.LoaderReport.parse(stderr) is None
+
+
+def test_the_agent_passes_its_kernel_header_setting_to_the_loader():
+    assert "--kernel-headers" not in datapath.loader_command("/p", "/c")   # the loader's default
+    cmd = datapath.loader_command("/p", "/c", "host")
+    assert cmd[cmd.index("--kernel-headers") + 1] == "host"
+
+
+def test_run_loader_hands_back_the_report_line(monkeypatch, tmp_path):
+    line = datapath.LoaderReport(0.5, "host", "host").line()
+    _fake_loader(monkeypatch, f"import sys\nprint({line!r}, file=sys.stderr)\n")
+    assert datapath.LoaderReport.parse(datapath.run_loader(str(tmp_path), str(tmp_path))).compile_seconds == 0.5
+
+
+def test_the_real_loader_refuses_a_relative_header_path_before_compiling(tmp_path):
+    # The cgroup is opened first (any directory will do for that step); the
+    # header setting is checked next, before BCC is imported.
+    dp = CaptureDatapath(str(tmp_path / "pins"), cgroup=str(tmp_path), kernel_headers="headers")
+    with pytest.raises(CaptureError, match="kernel headers 'headers': expected 'auto', 'host' or an absolute path"):
+        dp.load()
+    assert dp.report is None and not (tmp_path / "pins").exists()
+
+
+def test_start_up_compile_time_is_exposed_as_gauges():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agent.observe.metrics import AgentMetrics
+    registry = CollectorRegistry()
+    agent = AgentMetrics(registry, process=False)
+    agent.bpf_loaded(0.84, 1.37)
+    text = generate_latest(registry).decode()
+    assert "ambient_agent_bpf_compile_seconds 0.84" in text
+    assert "ambient_agent_bpf_loader_seconds 1.37" in text
+    agent.bpf_loaded(None, None)   # unknown (a loader without a report line): kept
+    assert "ambient_agent_bpf_compile_seconds 0.84" in generate_latest(registry).decode()

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from cni.config import (ERR_DECODE, ERR_INCOMPATIBLE_VERSION, ERR_INVALID_CONFIG, ERR_INVALID_ENV, CniError,
-                        add_result, parse_cni_args, parse_config, parse_environment, pod_addresses, render,
-                        state_path_of, version_result)
+                        add_result, log_file_hint, not_a_kubernetes_pod, parse_cni_args, parse_config,
+                        parse_environment, pod_addresses, render, state_path_of, version_result)
 
 POD_ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=c1;K8S_POD_UID=u1"
 
@@ -108,9 +108,6 @@ def test_del_needs_neither_netns_nor_pod_identity():
     (env(CNI_NETNS=None), "CNI_NETNS"),
     (env("CHECK", CNI_NETNS=""), "CNI_NETNS"),
     (env(CNI_NETNS="relative/ns"), "CNI_NETNS"),
-    (env(CNI_ARGS="K8S_POD_NAME=web"), "K8S_POD_NAMESPACE"),
-    (env("CHECK", CNI_ARGS="K8S_POD_NAMESPACE=mesh"), "K8S_POD_NAME"),
-    (env(CNI_ARGS=None), "K8S_POD_NAMESPACE"),
     (env(CNI_ARGS="garbage"), "CNI_ARGS"),
     (env("DEL", CNI_ARGS="garbage"), "CNI_ARGS"),
 ])
@@ -119,6 +116,40 @@ def test_bad_environment_is_code_4_naming_the_variable(environ, variable):
         parse_environment(environ)
     assert err.value.code == ERR_INVALID_ENV
     assert variable in err.value.msg
+
+
+# What runtimes pass in CNI_ARGS, and whether ambient-cni has a Kubernetes pod to decide on.
+@pytest.mark.parametrize("command, args, missing", [
+    ("ADD", POD_ARGS, ()),                                              # containerd, CRI-O
+    ("ADD", "IgnoreUnknown=1;K8S_POD_NAME=web", ("K8S_POD_NAMESPACE",)),  # podman, exactly
+    ("DEL", "IgnoreUnknown=1;K8S_POD_NAME=web", ("K8S_POD_NAMESPACE",)),
+    ("CHECK", "K8S_POD_NAMESPACE=mesh", ("K8S_POD_NAME",)),
+    ("ADD", "K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=", ("K8S_POD_NAME",)),   # empty counts as absent
+    ("ADD", None, ("K8S_POD_NAMESPACE", "K8S_POD_NAME")),               # plain libcni callers
+    ("ADD", "IgnoreUnknown=1", ("K8S_POD_NAMESPACE", "K8S_POD_NAME")),
+])
+def test_a_runtime_without_kubernetes_pod_args_is_told_apart(command, args, missing):
+    why = not_a_kubernetes_pod(parse_environment(env(command, CNI_ARGS=args)))
+    if not missing:
+        assert why == ""
+    else:
+        assert why.startswith("not a Kubernetes pod: CNI_ARGS has no " + " and no ".join(missing))
+        assert why.endswith("prevResult passed through")
+
+
+@pytest.mark.parametrize("data, path", [
+    (b'{"log_file": "/var/log/ambient-cni.log"}', "/var/log/ambient-cni.log"),
+    (b'{"cniVersion": "9.9", "log_file": "/l.log", "agent_socket": 3}', "/l.log"),  # otherwise invalid
+    (b'{"log_file": "relative.log"}', None),
+    (b'{"log_file": 7}', None),
+    (b'{"log_file": "/a\\u0000b"}', None),
+    (b'["/l.log"]', None),
+    (b'{"log_file": "/l.log"', None),                                  # truncated
+    (b"[" * 5000, None),                                               # hostile nesting
+    (b"", None),
+])
+def test_log_file_hint_finds_the_log_of_a_config_that_fails(data, path):
+    assert log_file_hint(data) == path
 
 
 def test_accepted_container_ids_and_interface_names():

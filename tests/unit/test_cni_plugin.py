@@ -6,27 +6,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-PREV_100 = {"cniVersion": "1.0.0",
-            "interfaces": [{"name": "cni0", "mac": "aa:00:00:00:00:01"},
-                           {"name": "veth1", "mac": "aa:00:00:00:00:02"},
-                           {"name": "eth0", "mac": "aa:00:00:00:00:03", "sandbox": "/run/netns/p1"}],
-            "ips": [{"address": "198.18.0.5/24", "gateway": "198.18.0.1", "interface": 2}],
-            "routes": [{"dst": "0.0.0.0/0"}], "dns": {}}
+from bench.cni_fixtures import AMBIENT, ENROLLED, PREV_100, FakeAgent
+from tests import builders
+
 PREV_031 = {"cniVersion": "0.3.1", "interfaces": [{"name": "eth0", "sandbox": "/run/netns/p1"}],
             "ips": [{"version": "4", "address": "198.18.0.6/24", "gateway": "198.18.0.1", "interface": 0}]}
-AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 POD_ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=c1;K8S_POD_UID=u1"
-ENROLLED = {"ok": True, "enrolled": True, "reason": "namespace mesh labelled istio.io/dataplane-mode=ambient"}
 
 
 def plugin_command() -> list[str]:
@@ -59,15 +54,11 @@ class Lab:
     def write_state(self, ns_labels=None, pod_labels=None, uid="u1", pod=True, ns=True) -> None:
         items = []
         if ns:
-            items.append({"apiVersion": "v1", "kind": "Namespace",
-                          "metadata": {"name": "mesh", "labels": ns_labels or {}}})
+            items.append(builders.namespace("mesh", ns_labels or {}))
         if pod:
-            items.append({"apiVersion": "v1", "kind": "Pod",
-                          "metadata": {"name": "web", "namespace": "mesh", "uid": uid, "labels": pod_labels or {}},
-                          "spec": {"nodeName": "node1", "serviceAccountName": "default"},
-                          "status": {"phase": "Pending"}})
-        self.state.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
-                                          "metadata": {"resourceVersion": "1"}, "items": items}))
+            items.append(builders.pod("web", "mesh", uid=uid, labels=pod_labels or {}, node="node1", sa="default",
+                                      phase="Pending"))
+        self.state.write_text(json.dumps(builders.object_list(*items, resource_version="1")))
 
     def config(self, prev=PREV_100, version="1.0.0", **fields) -> bytes:
         c = {"cniVersion": version, "name": "ambient-lab", "type": "ambient-cni",
@@ -99,55 +90,6 @@ class Lab:
         agent = FakeAgent(self.sock, reply, **kwargs)
         self.agents.append(agent)
         return agent
-
-
-class FakeAgent:
-    """Answers one JSON line per connection like the node agent; records requests.
-
-    ``reply`` is a dict or a function of the request; ``raw`` bytes are sent
-    instead when given; ``answer=False`` reads the request and then holds the
-    connection open without a word (a hung agent).
-    """
-
-    def __init__(self, path: str, reply=ENROLLED, raw: bytes | None = None, answer: bool = True) -> None:
-        self.reply = reply if callable(reply) else (lambda req: reply)
-        self.raw = raw
-        self.answer = answer
-        self.requests: list = []
-        self.held: list[socket.socket] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return                          # closed by close()
-            line = conn.makefile("rb").readline()
-            try:
-                request = json.loads(line)
-            except ValueError:
-                request = line
-            self.requests.append(request)
-            if not self.answer:
-                self.held.append(conn)
-                continue
-            try:
-                conn.sendall(self.raw if self.raw is not None else json.dumps(self.reply(request)).encode() + b"\n")
-            except OSError:
-                pass                            # the plugin gave up waiting
-            conn.close()
-
-    def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept()
-        self.listener.close()
-        self.thread.join(5)
-        for conn in self.held:
-            conn.close()
 
 
 @pytest.fixture
@@ -446,6 +388,20 @@ def test_del_succeeds_when_the_agent_refuses(lab):
     assert (result.code, result.stdout) == (0, "") and "boom" in result.stderr
 
 
+def test_del_to_a_hung_agent_succeeds_within_the_non_mesh_budget(lab):
+    # The agent accepts and never answers. agent_timeout_seconds (5 s by
+    # default) is for the ADD of a mesh pod only: teardown waits 200 ms.
+    log = lab.dir / "cni.log"
+    agent = lab.agent(answer=False)
+    result = lab.run(lab.config(log_file=str(log)), lab.env("DEL"))
+    assert (result.code, result.stdout) == (0, ""), result
+    assert result.elapsed < 1.0, result                  # 200 ms budget plus interpreter start
+    assert len(agent.requests) == 1 and agent.requests[0]["op"] == "cni-del"
+    problem = f"agent not informed (DEL succeeds anyway): no answer from {lab.sock} within 0.2 s"
+    assert problem in result.stderr
+    assert problem in log.read_text()
+
+
 # -- VERSION -------------------------------------------------------------------------------
 
 def test_version(lab):
@@ -507,6 +463,15 @@ def test_check_enrolled_pod_not_captured_is_code_100(lab, pods, msg):
     assert result.code == 1 and result.out["code"] == 100 and result.out["msg"] == msg, result
 
 
+def test_check_to_a_hung_agent_is_bounded_like_a_non_mesh_add(lab):
+    lab.write_state(ns_labels=AMBIENT)
+    lab.agent(answer=False)
+    result = lab.run(lab.config(), lab.env("CHECK"))
+    assert result.code == 1 and result.out["code"] == 11, result
+    assert result.out["details"] == f"no answer from {lab.sock} within 0.2 s"
+    assert result.elapsed < 1.0, result
+
+
 def test_check_with_the_agent_down_is_try_again_later(lab):
     lab.write_state(ns_labels=AMBIENT)
     result = lab.run(lab.config(), lab.env("CHECK"))
@@ -539,3 +504,72 @@ def test_an_unwritable_log_file_does_not_fail_the_plugin(lab):
     result = lab.add(log_file=str(lab.dir / "no-such-dir" / "cni.log"))
     assert result.code == 0 and result.out == PREV_100
     assert "cannot write log" in result.stderr
+
+
+def test_an_unwritable_log_file_is_reported_once_on_a_failure_too(lab):
+    lab.write_state(ns_labels=AMBIENT)                   # must be enrolled; no agent: code 11
+    result = lab.add(log_file=str(lab.dir / "no-such-dir" / "cni.log"))
+    assert result.code == 1 and result.out["code"] == 11, result
+    assert result.stderr.count("cannot write log") == 1, result.stderr
+    assert "ambient node agent unreachable" in result.stderr
+
+
+def test_every_failure_goes_to_the_log_file_and_to_stdout(lab):
+    # A failure before the environment is validated, one in the configuration,
+    # and one from the agent: each is a CNI error on stdout and a log line.
+    log = lab.dir / "cni.log"
+    lab.write_state(ns_labels=AMBIENT)
+    failures = [
+        (lab.config(log_file=str(log)), lab.env(CNI_IFNAME="eth/0"), 4, "CNI_IFNAME is invalid"),
+        (lab.config(log_file=str(log), agent_timeout_seconds=-1), lab.env(), 7, "agent_timeout_seconds"),
+        (lab.config(log_file=str(log)), lab.env(), 11, "ambient node agent unreachable"),
+        (lab.config(log_file=str(log), prev=None), lab.env("CHECK", CNI_ARGS="K8S_POD_NAME=web"), 7, "chained"),
+    ]
+    for stdin, environ, code, text in failures:
+        result = lab.run(stdin, environ)
+        assert result.code == 1 and result.out["code"] == code and text in result.out["msg"], result
+        assert text in result.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(failures), lines
+    for line, (_, environ, code, text) in zip(lines, failures):
+        assert re.search(rf"ambient-cni\[\d+\] {environ['CNI_COMMAND']}[ :]", line), line
+        assert f"error {code}: " in line and text in line
+
+
+# -- runtimes that are not Kubernetes -------------------------------------------------------
+
+PODMAN_ARGS = "IgnoreUnknown=1;K8S_POD_NAME=web"      # podman 4.3's exact shape: no namespace, ever
+
+
+@pytest.mark.parametrize("version, prev", [("1.0.0", PREV_100), ("0.4.0", {**PREV_031, "cniVersion": "0.4.0"}),
+                                           ("0.3.1", PREV_031)])
+def test_add_without_a_pod_namespace_passes_prev_result_through(lab, version, prev):
+    log = lab.dir / "cni.log"
+    lab.write_state(ns_labels=AMBIENT)                   # even a mesh namespace's name would not matter
+    agent = lab.agent()
+    result = lab.run(lab.config(version=version, prev=prev, log_file=str(log)),
+                     lab.env(CNI_ARGS=PODMAN_ARGS))
+    assert result.code == 0, result
+    assert result.out == {**prev, "cniVersion": version}
+    assert result.stderr == ""                           # not an error
+    assert agent.requests == []                          # nothing the agent could do with it
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1, lines                        # why, once
+    assert "not a Kubernetes pod: CNI_ARGS has no K8S_POD_NAMESPACE" in lines[0]
+
+
+@pytest.mark.parametrize("args", [None, "IgnoreUnknown=1", "K8S_POD_NAMESPACE=mesh"])
+def test_add_with_no_pod_identity_at_all_passes_prev_result_through(lab, args):
+    result = lab.run(lab.config(), lab.env(CNI_ARGS=args))
+    assert result.code == 0 and result.out == PREV_100 and result.stderr == "", result
+
+
+@pytest.mark.parametrize("command", ["CHECK", "DEL"])
+def test_check_and_del_without_a_pod_namespace_succeed_without_asking(lab, command):
+    log = lab.dir / "cni.log"
+    lab.write_state(ns_labels=AMBIENT)
+    agent = lab.agent(answer=False)
+    result = lab.run(lab.config(log_file=str(log)), lab.env(command, CNI_ARGS=PODMAN_ARGS))
+    assert (result.code, result.stdout, result.stderr) == (0, "", ""), result
+    assert agent.requests == []
+    assert "not a Kubernetes pod" in log.read_text()
