@@ -27,14 +27,15 @@ identity, anything unknown is ``"unknown"``.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from agent.proxy.hbone import workload_metadata
+from agent.state.model import Pod
 
 UNKNOWN = "unknown"
 DEFAULT_CLUSTER = "Kubernetes"
@@ -66,68 +67,32 @@ TCP_LABELS: tuple[str, ...] = (
 # ---------------------------------------------------------------------------
 # Workload names (pure)
 
-# Istio: a Job named ``<cronjob>-<8..10 digit schedule time>`` belongs to that CronJob.
-_CRONJOB_JOB = re.compile(r"^(.+)-\d{8,10}$")
-# The alphabet Kubernetes uses for pod-template-hash (rand.SafeEncodeString).
-_TEMPLATE_HASH = re.compile(r"^(.+)-[bcdfghjklmnpqrstvwxz2456789]{5,10}$")
-WORKLOAD_NAME_LABEL = "service.istio.io/workload-name"
+# The rules themselves live with the typed pod (``agent.state.model.Pod``:
+# ``workload_owner``, ``workload_metadata``, ``workload_info``), computed once
+# per pod and state. These accept a ``Pod`` or a wire object (tests, callers
+# that hold one).
 
-
-def _controller(meta: Mapping) -> Mapping | None:
-    owners = [o for o in (meta.get("ownerReferences") or []) if isinstance(o, Mapping)]
-    for owner in owners:
-        if owner.get("controller"):
-            return owner
-    return owners[0] if owners else None
-
-
-def workload_owner(pod: Mapping | None) -> tuple[str, str]:
-    """``(kind, name)`` of the workload that owns ``pod``, as Istio derives it.
-
-    * label ``service.istio.io/workload-name`` wins (kind ``Pod``'s owner kind kept);
-    * ReplicaSet ``<name>-<pod-template-hash>`` -> Deployment ``<name>`` (the
-      ``pod-template-hash`` label decides; without it, a trailing segment in
-      the hash alphabet is taken as the hash);
-    * Job ``<name>-<8..10 digits>`` -> CronJob ``<name>``;
-    * StatefulSet, DaemonSet, Job, any other controller -> its own name;
-    * no owner -> the pod itself.
-    """
+def _view(pod: Pod | Mapping | None) -> Pod | None:
     if not pod:
-        return ("Pod", "")
-    meta = pod.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    pod_name = meta.get("name") or ""
-    owner = _controller(meta)
-    kind, name = ("Pod", pod_name)
-    if owner is not None and owner.get("name"):
-        kind, name = owner.get("kind") or "Pod", owner["name"]
-        if kind == "ReplicaSet":
-            template_hash = labels.get("pod-template-hash") or ""
-            if template_hash and name.endswith("-" + template_hash):
-                kind, name = "Deployment", name[: -len(template_hash) - 1]
-            elif not template_hash and (m := _TEMPLATE_HASH.match(name)):
-                kind, name = "Deployment", m.group(1)
-        elif kind == "Job" and (m := _CRONJOB_JOB.match(name)):
-            kind, name = "CronJob", m.group(1)
-    override = labels.get(WORKLOAD_NAME_LABEL)
-    if override:
-        name = override
-    return (kind, name)
+        return None
+    return pod if isinstance(pod, Pod) else Pod.from_dict(dict(pod))
 
 
-def workload_name(pod: Mapping | None) -> str:
+def workload_owner(pod: Pod | Mapping | None) -> tuple[str, str]:
+    """``(kind, name)`` of the workload that owns ``pod``, as Istio derives it (``Pod.workload_owner``)."""
+    view = _view(pod)
+    return view.workload_owner if view is not None else ("Pod", "")
+
+
+def workload_name(pod: Pod | Mapping | None) -> str:
     """The owning workload's name (Deployment, StatefulSet, ...); see ``workload_owner``."""
     return workload_owner(pod)[1]
 
 
-def workload_info(pod: Mapping | None) -> dict:
-    """``workload_metadata`` with the workload name/kind taken from the pod's owner."""
-    info = workload_metadata(pod)
-    if info:
-        kind, name = workload_owner(pod)
-        info["workload_name"] = name or info.get("workload_name", "")
-        info["workload_kind"] = kind.lower()
-    return info
+def workload_info(pod: Pod | Mapping | None) -> dict:
+    """The workload facts metrics label (``Pod.workload_info``); ``{}`` for no pod."""
+    view = _view(pod)
+    return view.workload_info() if view is not None else {}
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +102,7 @@ def _v(value) -> str:
     return str(value) if value not in (None, "") else UNKNOWN
 
 
-def _side(prefix: str, pod: Mapping | None, cluster: str) -> dict[str, str]:
+def _side(prefix: str, pod: Pod | Mapping | None, cluster: str) -> dict[str, str]:
     info = workload_info(pod)
     known = bool(info)
     return {
@@ -151,8 +116,8 @@ def _side(prefix: str, pod: Mapping | None, cluster: str) -> dict[str, str]:
     }
 
 
-def labels_for(reporter: str, source_pod: Mapping | None, source_identity: str | None,
-               destination_pod: Mapping | None, destination_identity: str | None,
+def labels_for(reporter: str, source_pod: Pod | Mapping | None, source_identity: str | None,
+               destination_pod: Pod | Mapping | None, destination_identity: str | None,
                service: str | None, mtls: bool, flags: str = FLAG_NONE,
                cluster: str = DEFAULT_CLUSTER, domain: str = DEFAULT_DOMAIN) -> dict[str, str]:
     """The full Istio label set for one connection (pure; every value a string).
@@ -265,9 +230,37 @@ class TcpMetrics:
 
     # -- live connections ---------------------------------------------------
 
+    def _open(self, labels: Mapping[str, str]) -> None:
+        """ztunnel's ``ConnectionResultBuilder::build``: ``opened`` counts the
+        connection with ``response_flags="-"`` (its flag is not known yet), and
+        both byte series exist from then on, at 0 (``get_or_create``), so that
+        ``rate()`` sees the first bytes of a pair instead of a series that
+        starts at its first value."""
+        values = self._values(labels)
+        self._opened.labels(*values).inc()
+        self._received.labels(*values)
+        self._sent.labels(*values)
+
+    def ended_early(self, labels: Mapping[str, str], flags: str) -> None:
+        """A connection that ended before carrying bytes, with ``flags``.
+
+        ztunnel's semantics (``src/proxy/metrics.rs``, ``ConnectionResult::
+        record_internal``): it was opened (counted with ``-``), it is closed
+        with its flag, and a failure flag (anything but ``-``) also counts
+        it in ``istio_tcp_connections_failed_total``. Connections ztunnel
+        refuses before it builds a result (a malformed CONNECT, a call to
+        the agent's own ports) are not counted at all: callers pass no
+        labels for those.
+        """
+        self._open(labels)
+        flagged = with_flags(labels, flags)
+        self.closed(flagged)
+        if (flags or FLAG_NONE) != FLAG_NONE:
+            self.failed(flagged)
+
     def connection(self, labels: Mapping[str, str],
-                   totals: Callable[[], tuple[int, int]] | None = None) -> "ConnectionMeter":
-        """Count an opened connection and return its meter.
+                   totals: Callable[[], tuple[int, int]] | None = None) -> ConnectionMeter:
+        """Count an opened connection (see ``_open``) and return its meter.
 
         ``totals`` returns the connection's cumulative ``(sent, received)``
         (source -> destination first); with it, ``sync_live()`` (called by
@@ -275,7 +268,7 @@ class TcpMetrics:
         long connections without any work on the data path.
         """
         meter = ConnectionMeter(self, labels, totals)
-        self.opened(meter.labels)
+        self._open(meter.labels)
         if totals is not None:
             with self._lock:
                 self._live[id(meter)] = meter
@@ -292,7 +285,7 @@ class TcpMetrics:
         with self._lock:
             return len(self._live)
 
-    def _forget(self, meter: "ConnectionMeter") -> None:
+    def _forget(self, meter: ConnectionMeter) -> None:
         with self._lock:
             self._live.pop(id(meter), None)
 
@@ -358,11 +351,45 @@ class ConnectionMeter:
 # ---------------------------------------------------------------------------
 # Agent health
 
+PACKAGE = "ambient-agent"
+
+
+def agent_version() -> str:
+    """This agent's version: the installed package's (``pyproject.toml``), or ``unknown``
+    when run from a tree or bundle without package metadata."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return version(PACKAGE)
+    except (ImportError, PackageNotFoundError, ValueError):
+        return UNKNOWN
+
+
+class _LastSync:
+    """``ambient_agent_state_last_sync_timestamp_seconds``: absent until the first sync.
+
+    A plain gauge would read 0 before the first success, which an alert on
+    ``time() - metric`` takes for "55 years ago"; absent is what
+    ``absent(...)`` and Prometheus' staleness handle.
+    """
+    NAME = "ambient_agent_state_last_sync_timestamp_seconds"
+    HELP = "Unix time the cluster state was last applied successfully (absent before the first sync)"
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def describe(self):
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self):
+        if self.value is not None:
+            yield GaugeMetricFamily(self.NAME, self.HELP, value=self.value)
+
+
 class AgentMetrics:
     """The node agent's own health: gauges it sets, counters it bumps."""
 
     def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.time,
-                 process: bool = True) -> None:
+                 process: bool = True, version: str | None = None) -> None:
         self.registry = registry
         self._clock = clock
         self.enrolled_pods = Gauge("ambient_agent_enrolled_pods", "Pods captured by this agent",
@@ -371,16 +398,38 @@ class AgentMetrics:
                                ["kind"], registry=registry)
         self.bpf_programs = Gauge("ambient_agent_bpf_programs_attached", "BPF programs attached",
                                   registry=registry)
+        # Set once per start (the one compile, agent/capture/loader.py); 0 until then.
+        self.bpf_compile_seconds = Gauge(
+            "ambient_agent_bpf_compile_seconds",
+            "Seconds BCC took to compile the capture programs at this agent's start", registry=registry)
+        self.bpf_loader_seconds = Gauge(
+            "ambient_agent_bpf_loader_seconds",
+            "Seconds the BPF loader process took at this agent's start (compile, attach, pin)",
+            registry=registry)
+        self.certificate_expiration = Gauge(
+            "ambient_agent_certificate_expiration_timestamp_seconds",
+            "Unix time the workload certificate of an identity expires (its notAfter)",
+            ["identity"], registry=registry)
+        # Deprecated (issue 12): a countdown gauge, which Prometheus' naming
+        # guidance advises against. Kept for one release beside the timestamp.
         self.certificate_expiry = Gauge(
             "ambient_agent_certificate_expiry_seconds",
+            "DEPRECATED, removed in the next release: use "
+            "ambient_agent_certificate_expiration_timestamp_seconds - time(). "
             "Seconds until the workload certificate expires (negative: expired)",
             ["identity"], registry=registry)
         self.ca_requests = Counter("ambient_agent_ca_requests", "Certificate requests to the CA by result",
                                    ["result"], registry=registry)
         self.state_sync_ok = Gauge("ambient_agent_state_sync_ok",
                                    "1 if the last cluster state load succeeded, else 0", registry=registry)
+        # Deprecated (issue 12): reads 0 before the first sync. Kept for one release.
         self.state_sync_lag = Gauge("ambient_agent_state_sync_lag_seconds",
-                                    "Seconds since the cluster state was last applied", registry=registry)
+                                    "DEPRECATED, removed in the next release: use time() - "
+                                    "ambient_agent_state_last_sync_timestamp_seconds. "
+                                    "Seconds since the cluster state was last applied (0 before the first sync)",
+                                    registry=registry)
+        self.last_sync = _LastSync()
+        registry.register(self.last_sync)
         self.pods_not_captured = Gauge(
             "ambient_agent_pods_not_captured",
             "Pods of this node the enrolment rule puts in the mesh that the agent could not capture "
@@ -392,6 +441,15 @@ class AgentMetrics:
         self.state_sync_lag.set_function(self._lag)
         self._identities: set[str] = set()
         self.process = ProcessCollector(registry=registry) if process else None
+        self.version = agent_version() if version is None else version
+        # What Istio's ztunnel dashboard reads for its version panel
+        # (ztunnel: src/metrics/meta.rs, "build" in the istio_ namespace).
+        self.istio_build = Gauge("istio_build", "Istio component build info", ["component", "tag"],
+                                 registry=registry)
+        self.istio_build.labels("ztunnel", self.version).set(1)
+        self.build_info = Gauge("ambient_agent_build_info", "This agent's build: always 1, the version as a label",
+                                ["version"], registry=registry)
+        self.build_info.labels(self.version).set(1)
 
     def _lag(self) -> float:
         return 0.0 if self._last_sync is None else max(self._clock() - self._last_sync, 0.0)
@@ -400,7 +458,14 @@ class AgentMetrics:
         """A cluster state load finished (``ok``) or failed; lag counts from the last success."""
         self.state_sync_ok.set(1 if ok else 0)
         if ok:
-            self._last_sync = self._clock()
+            self._last_sync = self.last_sync.value = self._clock()
+
+    def bpf_loaded(self, compile_seconds: float | None, loader_seconds: float | None) -> None:
+        """The start-up load's durations (None: not known, the gauge stays as it is)."""
+        if compile_seconds is not None:
+            self.bpf_compile_seconds.set(compile_seconds)
+        if loader_seconds is not None:
+            self.bpf_loader_seconds.set(loader_seconds)
 
     def set_listeners(self, counts: Mapping[str, int]) -> None:
         for kind, n in counts.items():
@@ -415,20 +480,20 @@ class AgentMetrics:
 
         The series set is replaced: identities no longer held disappear.
         """
-        for gone in self._identities - set(not_after):
-            try:
-                self.certificate_expiry.remove(gone)
-            except KeyError:
-                pass
-        for identity, expiry in not_after.items():
-            if expiry is None:
+        for identity in (self._identities - set(not_after)) | {i for i, e in not_after.items() if e is None}:
+            for gauge in (self.certificate_expiration, self.certificate_expiry):
                 try:
-                    self.certificate_expiry.remove(identity)
+                    gauge.remove(identity)
                 except KeyError:
                     pass
+        for identity, expiry in not_after.items():
+            if expiry is None:
                 continue
-            self.certificate_expiry.labels(identity).set_function(
-                lambda expiry=expiry: expiry - self._clock())
+            self.certificate_expiration.labels(identity).set(expiry)
+
+            def seconds_left(expiry: float = expiry) -> float:
+                return expiry - self._clock()
+            self.certificate_expiry.labels(identity).set_function(seconds_left)
         self._identities = {i for i, e in not_after.items() if e is not None}
 
 
@@ -441,7 +506,7 @@ class WithoutCreated:
     process-wide ``disable_created_metrics()`` switch.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Collector) -> None:
         self.registry = registry
 
     def collect(self):
@@ -456,7 +521,7 @@ class Metrics:
     """Both metric sets on one private registry: what the agent creates once."""
 
     def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time,
-                 process: bool = True) -> None:
+                 process: bool = True, version: str | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.tcp = TcpMetrics(self.registry)
-        self.agent = AgentMetrics(self.registry, clock=clock, process=process)
+        self.agent = AgentMetrics(self.registry, clock=clock, process=process, version=version)

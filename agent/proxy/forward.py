@@ -19,52 +19,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from agent.observe.metrics import TcpMetrics, labels_for
-from agent.observe.problems import ProblemLog
 from agent.capture.datapath import AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, CaptureDatapath
 from agent.capture.inpod import PodListeners
 from agent.netns import NetnsSwitcher
+from agent.observe.metrics import TcpMetrics, labels_for
+from agent.observe.problems import ProblemLog
+from agent.observe.service import forwarded_host, forwarded_with_host, inbound_service, service_hostname
+from agent.policy.request import InboundRequest, PolicyDecision, allow_all
 from agent.proxy import hbone
-from agent.proxy.appsock import LINGER_RESET, set_nodelay
-from agent.proxy.appsock import Pipe
+from agent.proxy.appsock import LINGER_RESET, Pipe, set_nodelay
 from agent.proxy.copy import ByteCounter, abort, start_splice
 from agent.proxy.counters import ConnectionLog, DirectionCounters, PodCounters
 from agent.proxy.h2conn import H2Connection, H2Stream
+from agent.proxy.result import ConnectionResult
 from agent.proxy.route import resolve
 from agent.proxy.tls import TlsContexts, check_client_identity
-from agent.proxy.result import ConnectionResult
 from agent.proxy.tunnel import HbonePool, PoolKey, start_bridge
-from agent.state.model import ClusterState
+from agent.state.model import ClusterState, Pod
 
 log = logging.getLogger(__name__)
 
 AGENT_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT})
-
-
-@dataclass(frozen=True)
-class InboundRequest:
-    """What the policy hook sees before the app connection is made."""
-    pod: str                      # namespace/name of the destination pod
-    source_ip: str
-    source_port: int
-    destination_ip: str
-    destination_port: int
-    source_identity: str | None   # None: plaintext, no peer identity
-
-
-@dataclass(frozen=True)
-class PolicyDecision:
-    allowed: bool
-    reason: str
-    audit: bool = False       # an AUDIT policy matched: marked in the connection record
-
-
-def allow_all(request: InboundRequest) -> PolicyDecision:
-    """The hook's default until L4 policy (issue 4) is wired in."""
-    return PolicyDecision(True, "no policy engine configured: allow")
 
 
 @dataclass
@@ -79,7 +57,7 @@ class DataPlane:
     connect_timeout: float = 5.0
     metrics: TcpMetrics | None = None              # Istio's istio_tcp_* series
     access: Callable[[object], None] | None = None  # access log sink, one line per connection
-    handshakes: "HandshakeLimits" = field(default_factory=lambda: HandshakeLimits())
+    handshakes: HandshakeLimits = field(default_factory=lambda: HandshakeLimits())
     # Refused and failed connections: every one in the access log, each
     # distinct problem once a minute in this log (issue 11, item 7).
     problems: ProblemLog = field(default_factory=lambda: ProblemLog(log))
@@ -123,8 +101,10 @@ class PodProxy:
         self._tasks: set[asyncio.Task] = set()      # connections being set up
         self._accepting: list[asyncio.Task] = []
         self._servers: set[H2Connection] = set()
-        self._label_state = None
+        self._label_state: ClusterState | None = None
         self._label_cache: dict[tuple, dict] = {}
+        self._service_state: ClusterState | None = None
+        self._service_cache: dict[tuple, str] = {}     # (port, host the client named) -> "ns/name" or ""
         self._hbone_waiting = 0        # accepted on 15008, no ClientHello yet
         self._hbone_handshaking = 0
         # Open connections (no task of their own: their pipe's end finishes
@@ -156,7 +136,7 @@ class PodProxy:
         """Let open connections finish until ``deadline`` seconds, then cut them (reset)."""
         waiting = set(self._tasks) | {pipe.done for pipe in self._open}
         if waiting:
-            _done, pending = await asyncio.wait(waiting, timeout=deadline)
+            _done, _pending = await asyncio.wait(waiting, timeout=deadline)
             for task in self._tasks:
                 task.cancel()
             for pipe in list(self._open):
@@ -206,9 +186,9 @@ class PodProxy:
 
     # -- metrics -----------------------------------------------------------
 
-    def _own_pod(self) -> dict | None:
+    def _own_pod(self) -> Pod | None:
         ns, _, name = self.pod.partition("/")
-        return self.plane.state().pod(ns, name)
+        return self.plane.state().pod_view(ns, name)
 
     def _labels(self, reporter: str, source_pod, source_id, dest_pod, dest_id, service: str = "",
                 mtls: bool = False) -> dict | None:
@@ -232,6 +212,21 @@ class PodProxy:
                 reporter, source_pod, source_id or None, dest_pod, dest_id or None, service or None, mtls,
                 domain=self.plane.trust_domain)
         return labels
+
+    def _inbound_service(self, port: int, host: str = "") -> str:
+        """The Service an inbound connection to ``port`` was for (``agent/observe/service.py``),
+        cached per state like the label sets: the answer depends on the port and on the
+        Service hostname the client's proxy named (``Forwarded: host=``), nothing else."""
+        state = self.plane.state()
+        if state is not self._service_state or len(self._service_cache) >= _LABEL_CACHE:
+            self._service_state, self._service_cache = state, {}
+        key = (port, host)
+        found = self._service_cache.get(key)
+        if found is None:
+            own = self._own_pod()
+            found = self._service_cache[key] = inbound_service(
+                state, own.raw if own is not None else None, port, host, self.plane.trust_domain) or ""
+        return found
 
     # -- policy changes ----------------------------------------------------
 
@@ -305,7 +300,10 @@ class PodProxy:
             return
         result.destination = (dst.ip, dst.port)
         route = resolve(self.plane.state(), dst.ip, dst.port, self.plane.trust_domain, salt=peer[1])
-        result.labels = self._labels("source", own, self.identity, route.pod, route.identity, route.service,
+        # ztunnel: destination_principal is a known destination workload's
+        # identity, meshed or not; unknown only outside the cluster.
+        dest_id = route.identity or (route.pod.identity_uri(self.plane.trust_domain) if route.pod else "")
+        result.labels = self._labels("source", own, self.identity, route.pod, dest_id, route.service,
                                      mtls=route.kind == "hbone")
         if route.kind == "no-endpoint":
             result.fail(route.reason)
@@ -329,8 +327,10 @@ class PodProxy:
                 ctx = await self.plane.tls.context(self.identity, server_side=False)
                 key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT), self.listeners.cookie)
                 headers = hbone.connect_request_headers(target, source, self.workload)
+                if route.service:
+                    headers = _with_service_host(headers, route.service, self.plane.trust_domain)
                 stream, response = await self.plane.pool.stream(key, ctx, self._dial_peer, headers)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             result.fail(str(exc) or type(exc).__name__)
             abort(conn)
             return
@@ -348,7 +348,7 @@ class PodProxy:
                      request: InboundRequest | None = None) -> None:
         try:
             upstream = await self._connect_from_pod(dst)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             result.fail(str(exc) or "timed out")
             abort(conn)    # the app sees a reset, as from an unreachable peer
             return
@@ -362,14 +362,16 @@ class PodProxy:
 
     async def _inbound(self, conn: socket.socket, peer) -> None:
         local_ip, port = conn.getsockname()[:2]
-        labels = self._labels("destination", self.plane.state().pod_by_ip(peer[0]), None,
-                              self._own_pod(), self.identity)
         result = self._result("inbound", "TCP", self.counters.inbound, peer, (local_ip, port),
-                              labels=labels, app_is_source=False)
+                              app_is_source=False)
         if port in AGENT_PORTS:
+            # Not in the metrics: ztunnel refuses a call to its own ports before
+            # it builds a connection result (log_early_deny).
             result.refuse(f"port {port} belongs to the mesh agent")
             abort(conn)
             return
+        result.labels = self._labels("destination", self.plane.state().pod_view_by_ip(peer[0]), None,
+                                     self._own_pod(), self.identity, self._inbound_service(port))
         request = InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None)
         decision = result.decision = self.plane.policy(request)
         if not decision.allowed:
@@ -392,7 +394,7 @@ class PodProxy:
         try:
             ctx = await asyncio.wait_for(self.plane.tls.context(self.identity, server_side=True),
                                          self.plane.connect_timeout)
-        except (asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError) as exc:
             result.refuse(f"no certificate for {self.identity} yet ({exc or 'timed out'})")
             abort(conn)
             return
@@ -421,7 +423,7 @@ class PodProxy:
                 lambda: H2Connection(client_side=False, on_request=self._hbone_stream_for(peer), name=name,
                                      verify=verify),
                 sock=conn, ssl=ctx, ssl_handshake_timeout=self.plane.connect_timeout)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             result.refuse(f"TLS handshake failed: {exc or 'timed out'}")
             return
         finally:
@@ -456,10 +458,13 @@ class PodProxy:
         readable = loop.create_future()
         fd = conn.fileno()
         self._hbone_waiting += 1
-        loop.add_reader(fd, lambda: readable.done() or readable.set_result(True))
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(True)
+        loop.add_reader(fd, wake)
         try:
             await asyncio.wait_for(readable, limits.first_byte_seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return f"no TLS ClientHello within {limits.first_byte_seconds:g}s"
         finally:
             loop.remove_reader(fd)
@@ -484,16 +489,21 @@ class PodProxy:
         # (it then adds the application's port); policy never trusts it alone.
         claimed = _forwarded_for(headers.get("forwarded", ""))
         source = claimed if claimed and claimed[0] == peer[0] else (peer[0], peer[1])
-        labels = self._labels("destination", self.plane.state().pod_by_ip(source[0]), source_id,
-                              self._own_pod(), self.identity, mtls=True)
         result = self._result("hbone", "HBONE", self.counters.hbone, source, (self.pod_ips[0], 0),
                               source_identity=source_id, destination_identity=self.identity,
-                              labels=labels, app_is_source=False, count=False)
+                              app_is_source=False, count=False)
         checked = hbone.check_connect(stream.request_headers, self.pod_ips)
         if isinstance(checked, hbone.Refusal):
+            # Not in the metrics: ztunnel answers a malformed CONNECT before it
+            # builds a connection result (log_early_deny).
             stream.respond(checked.status, end=True)
             result.refuse(f"{checked.status} {checked.reason}")
             return
+        result.labels = self._labels("destination", self.plane.state().pod_view_by_ip(source[0]), source_id,
+                                     self._own_pod(), self.identity,
+                                     self._inbound_service(checked.port,
+                                                           forwarded_host(headers.get("forwarded", ""))),
+                                     mtls=True)
         dst = result.destination = (checked.ip, checked.port)
         request = InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port, source_id)
         decision = result.decision = self.plane.policy(request)
@@ -503,7 +513,7 @@ class PodProxy:
             return
         try:
             app = await self._connect_from_pod(dst)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             stream.respond(503, end=True)
             result.decision = None
             result.refuse(f"503 app unreachable: {exc or 'timed out'}")
@@ -521,11 +531,17 @@ class PodProxy:
 _LABEL_CACHE = 1024
 
 
-def _pod_key(pod) -> tuple | None:
-    if not pod:
-        return None
-    meta = pod.get("metadata") or {}
-    return (meta.get("namespace"), meta.get("name"), meta.get("uid"))
+def _pod_key(pod: Pod | None) -> tuple | None:
+    return (pod.namespace, pod.name, pod.uid) if pod is not None else None
+
+
+def _with_service_host(headers: list[tuple[str, str]], service: str, domain: str) -> list[tuple[str, str]]:
+    """The CONNECT headers with ``host=<service hostname>`` in ``forwarded``, as
+    ztunnel's outbound ``build_forwarded`` writes it: the destination then
+    reports the Service the client addressed (``agent/observe/service.py``)."""
+    ns, _, name = service.partition("/")
+    host = service_hostname(ns, name, domain)
+    return [(k, forwarded_with_host(v, host)) if k == "forwarded" else (k, v) for k, v in headers]
 
 
 def _forwarded_for(value: str) -> tuple[str, int] | None:

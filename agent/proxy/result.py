@@ -19,15 +19,17 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from agent.observe.metrics import flags_for_outcome, with_flags
+from agent.observe.metrics import flags_for_outcome
 from agent.observe.problems import problem_key
 from agent.proxy import hbone
 from agent.proxy.copy import ByteCounter
 from agent.proxy.counters import ConnectionRecord, DirectionCounters
 
 if TYPE_CHECKING:
+    from agent.observe.metrics import ConnectionMeter
+    from agent.policy.request import PolicyDecision
     from agent.proxy.appsock import Pipe
-    from agent.proxy.forward import DataPlane, PolicyDecision
+    from agent.proxy.forward import DataPlane
 
 log = logging.getLogger("agent.proxy.forward")
 
@@ -37,7 +39,7 @@ class ConnectionResult:
                  "source_identity", "destination_identity", "labels", "decision", "app_is_source",
                  "started", "done", "counted", "meter", "pipe")
 
-    def __init__(self, plane: "DataPlane", pod: str, direction: str, protocol: str,
+    def __init__(self, plane: DataPlane, pod: str, direction: str, protocol: str,
                  counters: DirectionCounters, source: tuple, destination: tuple = ("0.0.0.0", 0),
                  source_identity: str = "", destination_identity: str = "",
                  labels: dict | None = None, app_is_source: bool = True, count: bool = True) -> None:
@@ -58,7 +60,7 @@ class ConnectionResult:
         self.started = time.monotonic()
         self.done = False
         self.counted: ByteCounter | None = None
-        self.meter = None
+        self.meter: ConnectionMeter | None = None
         self.pipe: Pipe | None = None
         if count:
             counters.connections += 1
@@ -73,7 +75,7 @@ class ConnectionResult:
         """Could not be carried (no route, unreachable, an error): ``failed: <reason>``."""
         self._failed(f"failed: {reason}")
 
-    def track(self, pipe: "Pipe", counted: ByteCounter) -> None:
+    def track(self, pipe: Pipe, counted: ByteCounter) -> None:
         """The connection is open: its pipe's end finishes the result."""
         self.counters.active += 1
         self.counted = counted
@@ -124,11 +126,8 @@ class ConnectionResult:
             flags = flags_for_outcome(outcome, decision.reason if decision else "")
             meter = self.meter
             if meter is None:
-                flagged = with_flags(self.labels, flags)
-                metrics.opened(flagged)
-                metrics.closed(flagged)
-                if flags != "-":
-                    metrics.failed(flagged)
+                # Opened with "-", closed and failed with the flag, as ztunnel.
+                metrics.ended_early(self.labels, flags)
             elif flags == "-":
                 meter.close(sent_total=sent, received_total=received)
             else:

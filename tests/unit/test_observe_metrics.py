@@ -182,8 +182,13 @@ def test_agent_health_metrics():
     assert sample(text, "ambient_agent_certificate_expiry_seconds", identity=DB_ID) == -112.5
     assert sample(text, "ambient_agent_certificate_expiry_seconds",
                   identity="spiffe://cluster.local/ns/x/sa/y") is None
+    assert sample(text, "ambient_agent_certificate_expiration_timestamp_seconds", identity=WEB_ID) == 4600.0
+    assert sample(text, "ambient_agent_certificate_expiration_timestamp_seconds", identity=DB_ID) == 900.0
+    assert sample(text, "ambient_agent_certificate_expiration_timestamp_seconds",
+                  identity="spiffe://cluster.local/ns/x/sa/y") is None
     assert sample(text, "ambient_agent_state_sync_ok") == 1
     assert sample(text, "ambient_agent_state_sync_lag_seconds") == 12.5
+    assert sample(text, "ambient_agent_state_last_sync_timestamp_seconds") == 1000.0
     # process CPU and memory from ProcessCollector on the private registry
     assert sample(text, "process_cpu_seconds_total") is not None
     assert sample(text, "process_resident_memory_bytes") > 0
@@ -196,6 +201,9 @@ def test_agent_health_metrics():
     assert sample(text, "ambient_agent_state_sync_lag_seconds") == 20.0
     assert sample(text, "ambient_agent_certificate_expiry_seconds", identity=DB_ID) is None
     assert sample(text, "ambient_agent_certificate_expiry_seconds", identity=WEB_ID) == 3980.0
+    assert sample(text, "ambient_agent_state_last_sync_timestamp_seconds") == 1000.0
+    assert sample(text, "ambient_agent_certificate_expiration_timestamp_seconds", identity=DB_ID) is None
+    assert sample(text, "ambient_agent_certificate_expiration_timestamp_seconds", identity=WEB_ID) == 5000.0
 
 
 def test_tcp_metrics_on_any_registry():
@@ -234,3 +242,71 @@ def test_meter_fail_counts_failed_and_closed(metrics):
     assert sample(text, "istio_tcp_connections_opened_total", response_flags="-") == 1
     assert sample(text, "istio_tcp_connections_closed_total", response_flags="CONNECT") == 1
     assert sample(text, "istio_tcp_connections_failed_total", response_flags="CONNECT") == 1
+
+
+def test_last_sync_timestamp_is_absent_before_the_first_sync():
+    now = [50.0]
+    metrics = Metrics(clock=lambda: now[0])
+    text = scrape(metrics)
+    # Absent, not 0: "time() - metric" must not read as a sync 55 years ago.
+    assert sample(text, "ambient_agent_state_last_sync_timestamp_seconds") is None
+    assert "# TYPE ambient_agent_state_last_sync_timestamp_seconds" not in text
+    assert sample(text, "ambient_agent_state_sync_lag_seconds") == 0     # the deprecated gauge's old reading
+    metrics.agent.state_synced(False)
+    assert sample(scrape(metrics), "ambient_agent_state_last_sync_timestamp_seconds") is None
+    metrics.agent.state_synced(True)
+    now[0] = 80.0
+    metrics.agent.state_synced(False)
+    text = scrape(metrics)
+    assert sample(text, "ambient_agent_state_last_sync_timestamp_seconds") == 50.0
+    assert "# TYPE ambient_agent_state_last_sync_timestamp_seconds gauge" in text
+
+
+def test_deprecated_gauges_say_so_in_their_help():
+    text = scrape(Metrics())
+    for old, new in (("ambient_agent_certificate_expiry_seconds",
+                      "ambient_agent_certificate_expiration_timestamp_seconds"),
+                     ("ambient_agent_state_sync_lag_seconds", "ambient_agent_state_last_sync_timestamp_seconds")):
+        help_line = next(l for l in text.splitlines() if l.startswith(f"# HELP {old} "))
+        assert "DEPRECATED" in help_line and new in help_line
+
+
+def test_build_info_as_istio_tools_read_it():
+    text = scrape(Metrics(version="1.2.3"))
+    # Istio's ztunnel dashboard: istio_build{component="ztunnel"}, its tag the version.
+    assert sample(text, "istio_build", component="ztunnel", tag="1.2.3") == 1
+    assert sample(text, "ambient_agent_build_info", version="1.2.3") == 1
+
+
+def test_build_version_comes_from_the_package():
+    from importlib.metadata import version
+    from agent.observe.metrics import agent_version
+    assert agent_version() == version("ambient-agent")
+    assert sample(scrape(Metrics()), "istio_build", component="ztunnel", tag=version("ambient-agent")) == 1
+
+
+def test_a_connection_that_never_carried_bytes_follows_ztunnel(metrics):
+    """ztunnel counts it opened with "-", closed and failed with its flag, byte series at 0."""
+    metrics.tcp.ended_early(LABELS, "DENY")
+    text = scrape(metrics)
+    assert sample(text, "istio_tcp_connections_opened_total", response_flags="-") == 1
+    assert sample(text, "istio_tcp_connections_opened_total", response_flags="DENY") is None
+    assert sample(text, "istio_tcp_connections_closed_total", response_flags="DENY") == 1
+    assert sample(text, "istio_tcp_connections_failed_total", response_flags="DENY") == 1
+    assert sample(text, "istio_tcp_received_bytes_total", response_flags="-") == 0
+    metrics.tcp.ended_early(LABELS, "-")            # closed at once, no failure
+    text = scrape(metrics)
+    assert sample(text, "istio_tcp_connections_opened_total", response_flags="-") == 2
+    assert sample(text, "istio_tcp_connections_closed_total", response_flags="-") == 1
+    assert sample(text, "istio_tcp_connections_failed_total", response_flags="-") is None
+
+
+def test_byte_series_exist_from_open_so_rate_sees_the_first_bytes(metrics):
+    meter = metrics.tcp.connection(LABELS, totals=lambda: (0, 0))
+    text = scrape(metrics)
+    assert sample(text, "istio_tcp_received_bytes_total") == 0
+    assert sample(text, "istio_tcp_sent_bytes_total") == 0
+    meter.update(100, 7)
+    text = scrape(metrics)
+    assert sample(text, "istio_tcp_received_bytes_total") == 100
+    assert sample(text, "istio_tcp_sent_bytes_total") == 7
