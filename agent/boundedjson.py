@@ -8,8 +8,9 @@ int/str conversion, CVE-2020-10735). Both escaped the callers' error
 handling: the control socket logged a traceback and answered nothing, the
 CNI plugin printed a traceback and exit code 999 (issue 11, item 7).
 
-``loads`` refuses such input with ``JsonLimitError`` naming the bound, after a scan that costs one regular-expression pass over
-the text and a loop over its brackets; only then does ``json`` parse it.
+``loads`` refuses such input with ``JsonLimitError`` naming the bound, after a
+scan that costs one regular-expression pass over the text and a loop over its
+brackets; only then does ``json`` parse it.
 
 Imports ``json`` and ``re`` only (not even ``typing``): the CNI plugin
 imports this module (``cni/config.py``) and must start fast.

@@ -14,10 +14,11 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from agent import boundedjson
+from agent import boundedjson, controlclient
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class ControlServer:
                 return
             try:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._reply(writer, {"ok": False, "error": "no request within 5 s"})
                 return
             except (asyncio.LimitOverrunError, ValueError):
@@ -231,18 +232,13 @@ class ControlServer:
             self._server = None
 
 
-def request(path: str, obj: dict, timeout: float = 5.0) -> dict:
-    """Send one request to an agent's control socket (blocking client)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps(obj).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    if not buf:
-        raise ConnectionError(f"agent at {path} closed the connection without answering")
-    return json.loads(buf)
+def request(path: str, obj: dict, timeout: float = 5.0,
+            max_reply: int = controlclient.MAX_REPLY_BYTES) -> dict:
+    """Send one request to an agent's control socket (blocking client).
+
+    ``timeout`` bounds the whole call, connect to reply; a reply longer than
+    ``max_reply`` bytes is refused. Raises connect's OSError (e.g.
+    FileNotFoundError: no agent), ``controlclient.ControlTimeout`` or
+    ``controlclient.ControlCallError`` (agent/controlclient.py).
+    """
+    return controlclient.call(path, obj, timeout, max_reply)

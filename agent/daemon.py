@@ -8,6 +8,14 @@ control socket the CNI plugin talks to (replacing it is what tells a running
 agent to let go), then the node's metrics, readiness and admin ports. After
 that, every state change is reconciled.
 
+The pod lifecycle's decisions (which pods are known, captured, released,
+re-adopted; the problems reported) are made by the sans-IO core in
+agent/enrol/lifecycle.py: this module feeds it events (CNI requests, state
+changes, scan and capture results) and carries out the actions it returns
+through the datapath, the pod listeners, the record store and the
+annotator. ``status`` and ``/config_dump`` are views of a snapshot
+(agent/observe/snapshot.py).
+
 Upgrade on a node (docs/ARCHITECTURE.md, "Agent upgrade"): both agents run
 at once for a while. The new one asks the running one to hand over (``{"op":
 "handover"}``): it freezes (no CNI request, reconcile or BPF change; readiness
@@ -24,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -34,26 +42,51 @@ from dataclasses import dataclass
 
 from agent import control, eventloop
 from agent.capture.datapath import DEFAULT_CGROUP, CaptureDatapath, CaptureError
-from agent.heap import IdleHeapTrimmer
 from agent.capture.inpod import InPodCapture, PodListeners
 from agent.control import CniAdd, CniDel, ControlServer, Handover, Request, StatusRequest
 from agent.enrol import discover
-from agent.enrol.reconcile import (AddAction, Unrecorded, add_action, annotation_changes, desired,
-                                   plan, unrecorded)
+from agent.enrol.lifecycle import (
+    Action,
+    Capture,
+    CaptureDamaged,
+    CaptureResult,
+    Cause,
+    CheckFinished,
+    CheckStarted,
+    ClearProblem,
+    CniAddEvent,
+    CniDelEvent,
+    Keep,
+    KeepResult,
+    NetnsVanished,
+    PlannedChange,
+    PodLifecycle,
+    Release,
+    ReleaseDone,
+    RemoveRecord,
+    Reply,
+    ReportProblem,
+    Restarted,
+    RevalidateConnections,
+    SaveRecord,
+    ScanResult,
+    StateChanged,
+)
 from agent.enrol.records import PodRecord, RecordStore
 from agent.enrol.rule import DEFAULT_EXCLUDED
+from agent.heap import IdleHeapTrimmer
 from agent.identity.node import NodeIdentities
 from agent.netns import NetnsError, NetnsSwitcher, netns_id, open_netns
 from agent.observe.accesslog import AccessLogSink
 from agent.observe.admin import AdminServer
 from agent.observe.metrics import Metrics, WithoutCreated
+from agent.observe.snapshot import NodeSnapshot, PodSnapshot
 from agent.policy.hook import make_hook, policy_set_source
 from agent.proxy.counters import ConnectionLog, PodCounters
 from agent.proxy.forward import DataPlane, PodProxy
-from agent.proxy.hbone import workload_metadata
 from agent.proxy.tunnel import HbonePool
-from agent.state.source import STATE_URL_HELP, open_state_source
 from agent.state.model import ClusterState, StateError
+from agent.state.source import STATE_URL_HELP, open_state_source
 
 log = logging.getLogger("agent")
 
@@ -119,6 +152,13 @@ class CapturedPod:
     gateways: list[str]
 
 
+@dataclass
+class _Run:
+    """One carrying out of lifecycle actions: the CNI ADD's namespace fd, the reply."""
+    netns_fds: dict[str, int]
+    reply: dict | None = None
+
+
 class NodeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -126,13 +166,19 @@ class NodeAgent:
         # file:PATH or kube[:KUBECONFIG]; the kube source's first load() waits
         # for the first full sync of every watched kind (see agent/state/kube.py).
         self.source = open_state_source(config.state_url)
-        self.state = ClusterState.from_items([])
+        # The pod lifecycle (agent/enrol/lifecycle.py): the cluster state (its
+        # one writer is _set_state), the known records, the captured set and
+        # the open problems. This class carries out its actions.
+        self.life = PodLifecycle(node=config.node, trust_domain=config.trust_domain,
+                                 excluded=tuple(config.excluded_namespaces))
         self.datapath = CaptureDatapath(config.pin_dir, config.cgroup)
         self.switcher = NetnsSwitcher()
         self.inpod = InPodCapture(self.datapath, self.switcher, config.host_proc)
         self.records = RecordStore(os.path.join(config.run_dir, "pods"))
-        self.known: dict[str, PodRecord] = {}
-        self.captured: dict[str, CapturedPod] = {}
+        self.captured: dict[str, CapturedPod] = {}     # the I/O side of life.captured
+        # Released captures letting their open connections finish (at most
+        # --drain-seconds, then cut); shutdown() waits for them too.
+        self._draining: set[asyncio.Task] = set()
         self.counters: dict[str, PodCounters] = {}
         self.control = ControlServer(os.path.join(config.run_dir, "agent.sock"), self.handle)
         self.metrics = Metrics()
@@ -155,11 +201,9 @@ class NodeAgent:
                                  ready_addr=config.ready_addr, admin_addr=config.admin_addr,
                                  before_scrape=self._before_scrape)
         self._bpf_ready = False
-        self._synced = False
-        # Live enrolment: a wake-up for the node reconciler, and what it could
-        # not fix (pod key -> problem), shown by `status` and /config_dump.
+        # Live enrolment: a wake-up for the node reconciler (what it could not
+        # fix is life.problems, shown by `status` and /config_dump).
         self._wake = asyncio.Event()
-        self.unresolved: dict[str, str] = {}
         self._pin_problem = ""        # deleted pins that could not be restored, logged once
         self._annotation_errors: dict[str, str] = {}
         # Handover (upgrade): every change to captures, records and BPF state
@@ -171,6 +215,25 @@ class NodeAgent:
         self._terminate = asyncio.Event()        # SIGTERM/SIGINT (the stop that ends "wait")
         self._takeover: asyncio.Task | None = None
 
+    # Read-only views of the lifecycle core's state.
+
+    @property
+    def state(self) -> ClusterState:
+        return self.life.state
+
+    @property
+    def known(self) -> dict[str, PodRecord]:
+        return self.life.known
+
+    @property
+    def unresolved(self) -> dict[str, str]:
+        """Pods that must be in the mesh but are not captured (pod key -> problem)."""
+        return self.life.problems
+
+    @property
+    def _synced(self) -> bool:
+        return self.life.synced
+
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
@@ -178,8 +241,7 @@ class NodeAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal)
         try:
-            self.state = self.source.load()
-            self._synced = True
+            self._set_state(self.source.load())
         except StateError as exc:
             # Keep going with an empty cluster: pods the state does not know
             # keep their capture (fail closed), and the watcher picks up the
@@ -187,6 +249,9 @@ class NodeAgent:
             log.error("cluster state unreadable at start, waiting for a good one: %s", exc)
         await loop.run_in_executor(None, self.datapath.load)
         self._bpf_ready = True
+        report = self.datapath.report   # the agent's one compile (issue 16)
+        self.metrics.agent.bpf_loaded(report.compile_seconds if report is not None else None,
+                                      self.datapath.loader_seconds)
         if self.identities is not None:
             self.identities.start()
         previous = await self._request_handover()
@@ -258,8 +323,10 @@ class NodeAgent:
             for sock in pod.listeners.all():
                 sock.close()
         await self.plane.pool.close(graceful=True)
+        # Released pods still draining are waited for too (their deadline
+        # started at their release, so it ends before this one).
         await asyncio.gather(*(p.proxy.drain(self.config.drain_seconds)
-                               for p in self.captured.values()))
+                               for p in self.captured.values()), *list(self._draining))
         if self.identities is not None:
             await self.identities.close()
         await self.admin.close()
@@ -347,9 +414,8 @@ class NodeAgent:
         for rec in self.records.load_all():
             if rec.enrolled:
                 # As _capture will name it: the service account in the state wins.
-                pod = self.state.pod(rec.namespace, rec.name)
-                sa = ((pod.get("spec") or {}).get("serviceAccountName") or "default") if pod is not None \
-                    else rec.service_account
+                pod = self.state.pod_view(rec.namespace, rec.name)
+                sa = pod.service_account if pod is not None else rec.service_account
                 wanted.add(f"spiffe://{self.config.trust_domain}/ns/{rec.namespace}/sa/{sa}")
         for identity in wanted:
             self.identities.track(identity)
@@ -455,19 +521,10 @@ class NodeAgent:
 
     async def _readopt(self) -> None:
         """Take back the pods a previous agent captured (and forget vanished ones)."""
-        for rec in self.records.load_all():
-            if not os.path.exists(rec.netns):
-                log.info("pod %s: network namespace %s is gone; dropping its record", rec.key, rec.netns)
-                self._drop_stale(rec)
-                continue
-            self.known[rec.key] = rec
-            if rec.enrolled:
-                try:
-                    self._capture(rec)
-                    log.info("pod %s: re-adopted", rec.key)
-                except OSError as exc:
-                    log.error("pod %s: could not re-adopt: %s", rec.key, exc)
-        live = {rec.netns_cookie for rec in self.known.values() if rec.enrolled}
+        records = self.records.load_all()
+        present = frozenset(rec.netns for rec in records if os.path.exists(rec.netns))
+        await self._carry_out(self.life.handle(Restarted(tuple(records), present)))
+        live = self.life.live_cookies()
         for cookie in self.datapath.enrolled_netns():
             if cookie not in live:
                 log.info("removing stale capture of network namespace cookie %d", cookie)
@@ -475,15 +532,85 @@ class NodeAgent:
                 self.datapath.detach_netns(cookie)
         await self._reconcile()
 
-    def _drop_stale(self, rec: PodRecord) -> None:
-        if rec.netns_cookie:
-            self.inpod.disable(rec.netns_cookie, rec.ips)
-        self.records.remove(rec)
+    # -- carrying out the lifecycle's actions ---------------------------------
+
+    async def _carry_out(self, actions: list[Action], netns_fds: dict[str, int] | None = None) -> dict | None:
+        """Carry out ``actions`` of the lifecycle core in order; the reply to a CNI request, if any.
+
+        ``netns_fds`` holds a CNI ADD's validated namespace (pod key -> fd):
+        a ``Capture`` takes it over; the caller closes it if none did.
+        """
+        run = _Run(netns_fds if netns_fds is not None else {})
+        await self._execute(actions, run)
+        return run.reply
+
+    async def _execute(self, actions: list[Action], run: _Run) -> None:
+        for action in actions:
+            if isinstance(action, Capture):
+                await self._do_capture(action, run)
+            elif isinstance(action, Keep):
+                await self._do_keep(action, run)
+            elif isinstance(action, Release):
+                await self._do_release(action)
+            elif isinstance(action, SaveRecord):
+                self.records.save(action.record)
+            elif isinstance(action, RemoveRecord):
+                self.records.remove(action.record)
+            elif isinstance(action, RevalidateConnections):
+                self._revalidate()
+            elif isinstance(action, ReportProblem):
+                log.error("pod %s must be in the mesh but is not captured: %s", action.key, action.problem)
+            elif isinstance(action, ClearProblem):
+                pass               # the pod is captured now, or no longer wanted: nothing to log
+            elif isinstance(action, Reply):
+                run.reply = action.as_dict()
+            else:                  # Annotate is carried out by _sync_annotations (API calls, no lock)
+                raise TypeError(f"cannot carry out {action!r} here")
+
+    def _set_state(self, state: ClusterState) -> None:
+        """The one way the cluster state changes (the lifecycle core holds it)."""
+        for action in self.life.handle(StateChanged(state)):
+            if isinstance(action, RevalidateConnections):
+                self._revalidate()
+
+    def _revalidate(self) -> None:
+        # New connections see the new policy at once (the hook reads the
+        # current set); open ones it now denies are closed here.
+        for pod in self.captured.values():
+            pod.proxy.revalidate()
 
     # -- capture -----------------------------------------------------------
 
-    def _capture(self, rec: PodRecord, netns_fd: int | None = None) -> CapturedPod | None:
-        """Capture the pod of ``rec`` in its network namespace.
+    async def _do_capture(self, cap: Capture, run: _Run) -> None:
+        rec = cap.record
+        key = rec.key
+        old = self.known.get(key)
+        try:
+            previous, listeners = self._capture(cap, run.netns_fds.pop(key, None))
+        except OSError as exc:
+            if cap.cause is Cause.READOPT:
+                log.error("pod %s: could not re-adopt: %s", key, exc)
+            elif cap.cause is not Cause.ADOPT:        # an adoption's failure is reported as a problem
+                log.error("pod %s: capture failed: %s", key, exc)
+            await self._execute(self.life.handle(CaptureResult(cap, False, error=str(exc))), run)
+            return
+        await self._execute(self.life.handle(CaptureResult(cap, True, netns_id(listeners.netns_fd),
+                                                           listeners.cookie)), run)
+        if cap.cause is Cause.READOPT:
+            log.info("pod %s: re-adopted", key)
+        elif cap.cause is Cause.ADOPT:
+            log.info("pod %s: running pod captured (%s; network namespace %s)", key, cap.reason, rec.netns)
+        elif cap.cause is Cause.RECONCILE:
+            log.info("pod %s: captured (%s)", key, cap.reason)
+        elif previous is not None:
+            log.info("pod %s: capture moved from %s to %s (%s)", key, old.netns if old else "?", rec.netns,
+                     cap.reason)
+        else:
+            log.info("pod %s: enrolled (%s)", key, cap.reason)
+        await self._retire(previous)
+
+    def _capture(self, cap: Capture, netns_fd: int | None = None) -> tuple[CapturedPod | None, PodListeners]:
+        """Capture the pod of ``cap.record`` in its network namespace.
 
         ``netns_fd`` is that namespace already opened by ``open_netns`` (it is
         taken over); without it ``rec.netns`` is opened and validated here.
@@ -491,8 +618,10 @@ class NodeAgent:
         listeners are open and steered to, so a failure leaves the old capture
         as it was (issue 11). The replaced capture is returned with its
         steering removed but its accept loops still running: the caller must
-        ``await self._retire()`` it.
+        ``await self._retire()`` it. The record is changed by the lifecycle
+        core, from the ``CaptureResult``.
         """
+        rec = cap.record
         previous = self.captured.get(rec.key)
         listeners = (self.inpod.open(rec.netns) if netns_fd is None
                      else self.inpod.listen(netns_fd, rec.netns))
@@ -513,30 +642,24 @@ class NodeAgent:
             # The pod's traffic now reaches the new listeners. The old namespace
             # is no longer steered, nor are addresses the pod no longer has.
             self.inpod.disable(previous.listeners.cookie, [ip for ip in previous.ips if ip not in rec.ips])
-        rec.netns_cookie = listeners.cookie
-        rec.enrolled = True
-        pod = self.state.pod(rec.namespace, rec.name)
-        if pod is not None:
-            rec.service_account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
-        captured = self._serve(rec, listeners)
+        captured = self._serve(rec, listeners, cap.service_account)
         self.captured[rec.key] = captured
         if self.identities is not None:
             self.identities.track(captured.identity)
         if previous is not None:
             self._forget_identity(previous.identity)
-        self.records.save(rec)
-        return previous
+        return previous, listeners
 
-    def _serve(self, rec: PodRecord, listeners: PodListeners) -> CapturedPod:
+    def _serve(self, rec: PodRecord, listeners: PodListeners, service_account: str) -> CapturedPod:
         """A proxy for the pod, accepting on ``listeners``.
 
         Nothing else may be accepting on them: two accept loops on one fd
         would unregister each other from the event loop.
         """
         counters = self.counters.setdefault(rec.key, PodCounters())
-        pod = self.state.pod(rec.namespace, rec.name)
-        identity = self._identity(rec)
-        proxy = PodProxy(rec.key, identity, list(rec.ips), workload_metadata(pod) or
+        pod = self.state.pod_view(rec.namespace, rec.name)
+        identity = f"spiffe://{self.config.trust_domain}/ns/{rec.namespace}/sa/{service_account}"
+        proxy = PodProxy(rec.key, identity, list(rec.ips), pod.workload_metadata() if pod is not None else
                          {"namespace": rec.namespace, "workload_name": rec.name},
                          listeners, self.datapath, self.switcher, counters, self.plane)
         proxy.start()
@@ -548,7 +671,7 @@ class NodeAgent:
         except OSError as exc:     # the node reconciler's capture check retries it
             log.error("pod %s: could not restore the steering to its capture: %s", key, exc)
 
-    async def _keep(self, rec: PodRecord, current: CapturedPod, old: PodRecord | None) -> None:
+    async def _do_keep(self, keep: Keep, run: _Run) -> None:
         """A CNI ADD for the namespace the pod is captured in: its listeners stay.
 
         They cannot be replaced there anyway (a second set would collide on
@@ -556,59 +679,74 @@ class NodeAgent:
         steering follows changed addresses; a new pod (uid), identity or set
         of addresses gets a new proxy on the same listeners.
         """
-        rec.netns_cookie = current.listeners.cookie
-        rec.enrolled = True
-        pod = self.state.pod(rec.namespace, rec.name)
-        if pod is not None:
-            rec.service_account = (pod.get("spec") or {}).get("serviceAccountName") or "default"
-        elif old is not None:
-            rec.service_account = old.service_account
-        ips_changed = set(rec.ips) != set(current.ips) or list(rec.gateways) != current.gateways
-        if ips_changed:
-            self.inpod.enable(current.listeners, rec.ips, rec.gateways)
-            for ip in current.ips:
-                if ip not in rec.ips:
-                    self.datapath.clear_inbound(ip)
+        rec = keep.record
+        current = self.captured[rec.key]
+        if keep.resteer:
+            try:
+                self.inpod.enable(current.listeners, rec.ips, rec.gateways)
+                for ip in current.ips:
+                    if ip not in rec.ips:
+                        self.datapath.clear_inbound(ip)
+            except OSError as exc:
+                log.error("pod %s: capture update failed: %s", rec.key, exc)
+                await self._execute(self.life.handle(KeepResult(keep, False, str(exc))), run)
+                return
             current.ips, current.gateways = list(rec.ips), list(rec.gateways)
-        self.known[rec.key] = rec
-        self.records.save(rec)
-        identity = self._identity(rec)
-        if old is not None and old.uid == rec.uid and identity == current.identity and not ips_changed:
+        await self._execute(self.life.handle(KeepResult(keep, True)), run)
+        if not keep.new_proxy:
             return                      # the same sandbox again
         # The old accept loops must be gone before new ones register the same fds.
         await current.proxy.stop_accepting()
         if self.captured.get(rec.key) is not current:
             return                      # released or moved by another request meanwhile
-        replacement = self._serve(rec, current.listeners)
+        replacement = self._serve(rec, current.listeners, keep.service_account)
         self.captured[rec.key] = replacement
         if self.identities is not None:
             self.identities.track(replacement.identity)
         self._forget_identity(current.identity)
 
     def _identity(self, rec: PodRecord) -> str:
-        return f"spiffe://{self.config.trust_domain}/ns/{rec.namespace}/sa/{rec.service_account}"
+        return self.life.identity(rec)
 
     def _forget_identity(self, identity: str) -> None:
         # Identities of pods that left the node are dropped.
         if self.identities is not None and not any(p.identity == identity for p in self.captured.values()):
             self.identities.forget(identity)
 
-    def _release(self, rec: PodRecord) -> CapturedPod | None:
-        """Stop capturing the pod of ``rec``: steering removed, record marked.
+    async def _do_release(self, rel: Release) -> None:
+        """Stop capturing the pod of ``rel.record``: steering removed, then its sockets retired.
 
-        Returns the capture, whose sockets are still open: the caller must
-        ``await self._retire()`` it. Everything else happens here, at once,
-        so other requests never see a half-released pod.
+        The steering goes at once, so other requests never see a half-released pod.
         """
+        rec = rel.record
         pod = self.captured.pop(rec.key, None)
         if pod is not None:
             self.inpod.disable(pod.listeners.cookie, pod.ips)
         elif rec.netns_cookie:
             self.inpod.disable(rec.netns_cookie, rec.ips)
-        rec.enrolled = False
         if pod is not None:
             self._forget_identity(pod.identity)
-        return pod
+        log.info("pod %s: released (%s)", rec.key, rel.reason)
+        await self._retire(pod)
+        if pod is None:
+            self.life.handle(ReleaseDone(rec.key))
+            return
+        # Its open connections finish on their own, within --drain-seconds;
+        # the next change does not wait for them.
+        task = asyncio.ensure_future(self._drain_released(rec.key, pod))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain_released(self, key: str, pod: CapturedPod) -> None:
+        try:
+            if pod.proxy.open_connections():
+                log.info("pod %s: released; draining %d open connection(s) for up to %.1f s", key,
+                         pod.proxy.open_connections(), self.config.drain_seconds)
+            await pod.proxy.drain(self.config.drain_seconds)
+        except Exception:       # a bug here must not fail shutdown(), which waits for this task
+            log.exception("pod %s: draining the released capture failed", key)
+        finally:
+            self.life.handle(ReleaseDone(key))
 
     async def _retire(self, pod: CapturedPod | None) -> None:
         """Stop a capture's accept loops, then close its sockets.
@@ -624,30 +762,11 @@ class NodeAgent:
         await pod.proxy.stop_accepting()
         self.inpod.close(pod.listeners)
 
-    async def _reconcile(self) -> dict[str, str]:
-        """Apply the rule to the pods we have records of; returns the captures that failed."""
-        failed = {}
-        for change in plan(list(self.known.values()), self.state, self.config.excluded_namespaces):
-            rec = change.record
+    async def _reconcile(self) -> None:
+        """Apply the rule to the pods we have records of (a failed capture is a problem of the check)."""
+        for change in self.life.plan():
             async with self._changing():
-                if self.known.get(rec.key) is not rec:
-                    continue      # replaced by a CNI request while an earlier change was awaited
-                rec.reason = change.reason
-                if change.enrol:
-                    try:
-                        previous = self._capture(rec)
-                        log.info("pod %s: captured (%s)", rec.key, change.reason)
-                    except OSError as exc:
-                        log.error("pod %s: capture failed: %s", rec.key, exc)
-                        failed[rec.key] = f"capture failed: {exc}"
-                        continue
-                    await self._retire(previous)
-                else:
-                    retired = self._release(rec)
-                    self.records.save(rec)
-                    log.info("pod %s: released (%s)", rec.key, change.reason)
-                    await self._retire(retired)
-        return failed
+                await self._carry_out(self.life.handle(PlannedChange(change)))
 
     # -- live enrolment: the node reconciler ---------------------------------
 
@@ -673,63 +792,31 @@ class NodeAgent:
                 log.exception("node reconcile failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.reconcile_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def reconcile_node(self) -> None:
         if not self._synced:
             return       # an empty cluster would read as "nothing to capture"
         loop = asyncio.get_running_loop()
-        # What cannot be fixed is collected afresh on every run, so a pod
+        # What cannot be fixed is collected afresh on every check, so a pod
         # stays reported exactly as long as its problem lasts.
-        problems: dict[str, str] = {}
+        self.life.handle(CheckStarted())
         # Each step that changes a pod holds _changing() (HandingOver ends the
         # run); the scan and the API calls between them do not.
         await self._drop_vanished()
-        problems.update(await self._reconcile())
+        await self._reconcile()
         async with self._changing():
-            problems.update(self._verify_capture())
-        missing = unrecorded(self.state, self.config.node, self.known, self.config.excluded_namespaces)
+            self._verify_capture()
+        missing = self.life.unrecorded()
         if missing:
             views = await loop.run_in_executor(None, discover.scan, self.switcher,
                                                self.config.host_proc, self.config.netns_dirs)
             for pod in missing:
                 async with self._changing():
-                    problem = await self._adopt_running(pod, discover.match(views, pod.ips))
-                if problem:
-                    problems[pod.key] = problem
-        for key, problem in problems.items():
-            if self.unresolved.get(key) != problem:
-                log.error("pod %s must be in the mesh but is not captured: %s", key, problem)
-        self.unresolved = problems
+                    await self._carry_out(self.life.handle(ScanResult(pod, discover.match(views, pod.ips))))
+        await self._carry_out(self.life.handle(CheckFinished()))
         await self._sync_annotations()
-
-    async def _adopt_running(self, pod: Unrecorded, found) -> str | None:
-        """Capture a running pod found by its IP; the problem if it cannot be."""
-        if not isinstance(found, discover.PodNetns):
-            return found or f"no network namespace on this node holds {', '.join(pod.ips)}"
-        old = self.known.get(pod.key)
-        if old is not None and old.uid == pod.uid:
-            return None              # CNI ADD came while we were scanning
-        retired = None
-        if old is not None:          # an older pod of the same name
-            retired = self._release(old)
-            self.records.remove(old)
-        rec = PodRecord(namespace=pod.namespace, name=pod.name, uid=pod.uid, container_id="",
-                        netns=found.path, ips=list(found.ips), gateways=list(found.gateways),
-                        reason=pod.reason)
-        self.known[pod.key] = rec
-        # The old pod's sockets go first: they may live in the same namespace.
-        await self._retire(retired)
-        if self.known.get(pod.key) is not rec:
-            return None              # a CNI request took the pod over meanwhile
-        try:
-            self._capture(rec)
-        except OSError as exc:
-            self.records.save(rec)   # known now: the next run's _reconcile retries it
-            return f"capture of the running pod failed: {exc}"
-        log.info("pod %s: running pod captured (%s; network namespace %s)", pod.key, pod.reason, found.path)
-        return None
 
     async def _drop_vanished(self) -> None:
         """Forget pods whose network namespace is gone (DEL missed while we were away)."""
@@ -737,17 +824,14 @@ class NodeAgent:
             async with self._changing():
                 if self.known.get(key) is not rec or os.path.exists(rec.netns):
                     continue
-                retired = self._release(rec)
-                self.records.remove(rec)
-                del self.known[key]
-                log.info("pod %s: network namespace %s is gone; forgotten", key, rec.netns)
-                await self._retire(retired)
+                await self._carry_out(self.life.handle(NetnsVanished(key, rec)))
 
-    def _verify_capture(self) -> dict[str, str]:
+    def _verify_capture(self) -> None:
         """Captured pods' BPF state must be whole; what is missing is put back.
 
-        Returns the pods whose state could not be restored. Deleted map pins
-        are pinned again first, from the fds the agent holds (issue 11).
+        The pods whose state could not be restored are problems of the
+        check. Deleted map pins are pinned again first, from the fds the
+        agent holds (issue 11).
         """
         try:
             restored = self.datapath.restore_pins()
@@ -761,7 +845,6 @@ class NodeAgent:
         if restored:
             log.warning("BPF pins %s were deleted from %s; pinned again from the agent's own fds",
                         ", ".join(restored), self.config.pin_dir)
-        failed = {}
         for key, pod in self.captured.items():
             rec = self.known.get(key)
             if rec is None:
@@ -773,8 +856,7 @@ class NodeAgent:
             try:
                 self.inpod.enable(pod.listeners, rec.ips, rec.gateways)
             except OSError as exc:
-                failed[key] = f"capture damaged and could not be restored: {exc}"
-        return failed
+                self.life.handle(CaptureDamaged(key, f"capture damaged and could not be restored: {exc}"))
 
     async def _sync_annotations(self) -> None:
         """Mark captured pods ``ambient.istio.io/redirection: enabled``, unmark the rest.
@@ -786,9 +868,10 @@ class NodeAgent:
         if annotate is None:
             return
         loop = asyncio.get_running_loop()
-        for ns, name, value in annotation_changes(self.state, self.config.node, set(self.captured)):
+        for change in self.life.annotations():
             if self._handover_to is not None:
                 return        # the agent taking over owns the annotations now
+            ns, name, value = change.namespace, change.name, change.value
             key = f"{ns}/{name}"
             try:
                 await loop.run_in_executor(None, annotate, ns, name,
@@ -801,14 +884,9 @@ class NodeAgent:
                 self._annotation_errors[key] = str(exc)
 
     def _on_state(self, state: ClusterState) -> None:
-        self.state = state
-        self._synced = True
+        self._set_state(state)    # open connections the new policy denies are closed there
         self.metrics.agent.state_synced(True)
         self._wake.set()          # the node reconciler applies the rule to the new state
-        # New connections see the new policy at once (the hook reads the
-        # current set); open ones it now denies are closed here.
-        for pod in self.captured.values():
-            pod.proxy.revalidate()
 
     # -- control requests --------------------------------------------------
 
@@ -833,14 +911,12 @@ class NodeAgent:
         key = f"{req.namespace}/{req.name}"
         # The pod may have been written to the state after our last poll.
         try:
-            self.state = self.source.load()
-            self._synced = True
+            self._set_state(self.source.load())
         except StateError as exc:
             log.warning("cluster state unreadable, using the last good one: %s", exc)
-        decision = desired(self.state, req.namespace, req.name, req.uid,
-                           self.config.excluded_namespaces)
-        if decision is None:
-            return {"ok": False, "error": f"pod {key} (uid {req.uid or '?'}) is not in the cluster state yet"}
+        refused = self.life.refusal(req.namespace, req.name, req.uid)
+        if refused is not None:
+            return refused.as_dict()
         # The path must be a pod's network namespace before anything changes:
         # a request that fails here leaves the pod's capture as it was (issue 11).
         try:
@@ -848,58 +924,21 @@ class NodeAgent:
         except NetnsError as exc:
             log.warning("pod %s: CNI ADD refused: %s", key, _why(exc))
             return {"ok": False, "error": f"pod {key}: {_why(exc)}"}
-        old = self.known.get(key)
-        current = self.captured.get(key)
-        action = add_action(netns_id(current.listeners.netns_fd) if current is not None else None,
-                            netns_id(fd), decision.enrolled)
-        rec = PodRecord(namespace=req.namespace, name=req.name, uid=req.uid,
-                        container_id=req.container_id, netns=req.netns, ips=list(req.ips),
-                        gateways=list(req.gateways), enrolled=False, reason=decision.reason)
-        if old is not None and old.uid == req.uid:
-            rec.service_account = old.service_account
-        if action in (AddAction.CAPTURE, AddAction.MOVE):
-            try:
-                previous = self._capture(rec, fd)
-            except OSError as exc:
-                log.error("pod %s: capture failed: %s", key, exc)
-                if current is None:
-                    self.known[key] = rec   # the node reconciler retries it
-                return {"ok": False, "error": f"pod {key}: capture failed: {exc}"}
-            self.known[key] = rec
-            if previous is not None:
-                log.info("pod %s: capture moved from %s to %s (%s)", key, old.netns if old else "?",
-                         req.netns, decision.reason)
-            else:
-                log.info("pod %s: enrolled (%s)", key, decision.reason)
-            await self._retire(previous)
-            return {"ok": True, "enrolled": rec.enrolled, "reason": rec.reason}
-        os.close(fd)
-        if action is AddAction.KEEP:
-            try:
-                await self._keep(rec, current, old)
-            except OSError as exc:
-                log.error("pod %s: capture update failed: %s", key, exc)
-                return {"ok": False, "error": f"pod {key}: capture update failed: {exc}"}
-            return {"ok": True, "enrolled": rec.enrolled, "reason": rec.reason}
-        retired = self._release(old) if action is AddAction.RELEASE and old is not None else None
-        self.known[key] = rec
-        self.records.save(rec)
-        if retired is not None:
-            log.info("pod %s: released (%s)", key, decision.reason)
-        await self._retire(retired)
-        return {"ok": True, "enrolled": rec.enrolled, "reason": rec.reason}
+        fds = {key: fd}
+        try:
+            event = CniAddEvent(req.namespace, req.name, req.uid, req.container_id, req.netns,
+                                tuple(req.ips), tuple(req.gateways), netns_id(fd))
+            reply = await self._carry_out(self.life.handle(event), fds)
+        finally:
+            unused = fds.pop(key, None)      # not taken over by a capture
+            if unused is not None:
+                os.close(unused)
+        assert reply is not None, "the lifecycle answers every CNI ADD"
+        return reply
 
     async def _cni_del(self, req: CniDel) -> dict:
-        key = f"{req.namespace}/{req.name}"
-        rec = self.known.get(key)
-        if rec is None or (req.uid and rec.uid and req.uid != rec.uid):
-            return {"ok": True}
-        retired = self._release(rec)
-        self.records.remove(rec)
-        del self.known[key]
-        log.info("pod %s: removed (CNI DEL)", key)
-        await self._retire(retired)
-        return {"ok": True}
+        return await self._carry_out(self.life.handle(CniDelEvent(req.namespace, req.name, req.uid))) \
+            or {"ok": True}
 
     def _before_scrape(self) -> None:
         """Bring gauges up to date right before Prometheus reads them."""
@@ -936,53 +975,35 @@ class NodeAgent:
         return (f"handed the node over to the agent with pid {self._handover_to}" if self._handed_over
                 else f"handing the node over to the agent with pid {self._handover_to}")
 
+    def snapshot(self) -> NodeSnapshot:
+        """What this agent is doing, as one value: ``status`` and ``/config_dump`` are built from it."""
+        bpf = self._bpf_ready
+        policies = self.policies()
+        pods = tuple(PodSnapshot(rec.namespace, rec.name, rec.uid, tuple(rec.ips), rec.netns, rec.netns_cookie,
+                                 rec.enrolled, rec.reason, self._identity(rec) if rec.enrolled else "",
+                                 self.counters.get(key, PodCounters()).as_dict(), tuple(self.plane.log.recent(key)))
+                     for key, rec in sorted(self.known.items()))
+        sync_status = getattr(self.source, "sync_status", None)
+        return NodeSnapshot(
+            node=self.config.node, pid=os.getpid(),
+            handover=self._handover_text() if self._handover_to is not None else None,
+            state_url=self.config.state_url, state=self.state, synced=self._synced,
+            sync_status=sync_status() if sync_status is not None else None,
+            pods=pods, problems=dict(self.unresolved),
+            pin_dir=self.config.pin_dir, cgroup=self.config.cgroup, bpf_attached=bpf,
+            netns_captured=tuple(self.datapath.enrolled_netns()) if bpf else (),
+            capture_counters=self.datapath.stats() if bpf else {},
+            hbone_connections=self.plane.pool.connections(), hbone_opened=self.plane.pool.connections_opened,
+            certificates=tuple(self.identities.status()) if self.identities else (),
+            trust_bundle=self.identities.bundle_status() if self.identities else None,
+            policy_rejections=tuple(str(r) for r in policies.rejections), policy_reports=tuple(policies.reports))
+
     def config_dump(self) -> dict:
         """Everything the agent believes, for /config_dump (no private keys: none are put here)."""
-        policies = self.policies()
-        return {
-            "node": self.config.node,
-            "pid": os.getpid(),
-            "state_source": {"url": self.config.state_url, "version": self.state.resource_version,
-                             "synced": self._synced,
-                             **({"sync": self.source.sync_status()} if hasattr(self.source, "sync_status") else {})},
-            "workloads": [{"namespace": ns, "name": name, "node": (p.get("spec") or {}).get("nodeName"),
-                           "ips": [i.get("ip") for i in (p.get("status") or {}).get("podIPs") or []],
-                           "service_account": (p.get("spec") or {}).get("serviceAccountName") or "default"}
-                          for (ns, name), p in sorted(self.state.pods.items())],
-            "services": [{"namespace": ns, "name": name, "cluster_ip": (svc.get("spec") or {}).get("clusterIP")}
-                         for (ns, name), svc in sorted(self.state.services.items())],
-            "policies": {"rejected": [str(r) for r in policies.rejections], "reports": list(policies.reports)},
-            "certificates": self.identities.status() if self.identities else [],
-            "trust_bundle": self.identities.bundle_status() if self.identities else None,
-            "enrolled": [{"pod": key, "netns": rec.netns, "netns_cookie": rec.netns_cookie, "ips": rec.ips,
-                          "enrolled": rec.enrolled} for key, rec in sorted(self.known.items())],
-            "not_captured": dict(sorted(self.unresolved.items())),
-            "bpf": {"pin_dir": self.config.pin_dir, "cgroup": self.config.cgroup,
-                    "attached": self._bpf_ready, "netns_captured": self.datapath.enrolled_netns()
-                    if self._bpf_ready else [], "counters": self.datapath.stats() if self._bpf_ready else {}},
-        }
+        return self.snapshot().config_dump()
 
     def status(self) -> dict:
-        pods = []
-        for key, rec in sorted(self.known.items()):
-            pods.append({
-                "namespace": rec.namespace, "name": rec.name, "uid": rec.uid,
-                "ips": rec.ips, "netns": rec.netns, "enrolled": rec.enrolled,
-                "reason": rec.reason,
-                "identity": self._identity(rec) if rec.enrolled else "",
-                "counters": self.counters.get(key, PodCounters()).as_dict(),
-                "connections": self.plane.log.recent(key),
-            })
-        return {"ok": True, "node": self.config.node, "pid": os.getpid(),
-                **({"handover": self._handover_text()} if self._handover_to is not None else {}),
-                "pods": pods,
-                "state_version": self.state.resource_version,
-                "not_captured": [{"pod": k, "problem": v} for k, v in sorted(self.unresolved.items())],
-                "capture": self.datapath.stats(),
-                "hbone_pool": {"connections": self.plane.pool.connections(),
-                               "opened": self.plane.pool.connections_opened},
-                "certificates": self.identities.status() if self.identities else [],
-                "trust_bundle": self.identities.bundle_status() if self.identities else None}
+        return self.snapshot().status()
 
 
 def _why(exc: OSError) -> str:
@@ -1017,7 +1038,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "container and with it the old agent)")
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
     p.add_argument("--ca-address", default="", help="host:port of the CA (Istio's certificate API)")
-    p.add_argument("--ca-root", default="", help="PEM file with the CA's root: verifies the CA and is the mesh trust bundle")
+    p.add_argument("--ca-root", default="",
+                   help="PEM file with the CA's root: verifies the CA and is the mesh trust bundle")
     p.add_argument("--token-file", default="", help="this node agent's token for the CA")
     p.add_argument("--root-namespace", default="istio-system",
                    help="namespace whose policies apply to the whole mesh")

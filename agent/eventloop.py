@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def loop_factory(kind: str = "auto") -> tuple[str, Callable[[], asyncio.Abstract
     return "asyncio", asyncio.new_event_loop
 
 
-def run(main: Callable[[], Awaitable], kind: str = "auto"):
+def run(main: Callable[[], Coroutine[Any, Any, Any]], kind: str = "auto"):
     """``asyncio.run`` on the chosen loop (Python 3.11 has no loop_factory argument)."""
     name, factory = loop_factory(kind)
     log.info("event loop: %s", name)

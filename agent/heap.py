@@ -21,7 +21,7 @@ import ctypes
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ import socket
 import stat
 import struct
 import threading
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71  # linux/asm-generic/socket.h, Linux >= 5.14

@@ -44,7 +44,7 @@ def render(status: dict, now: float | None = None, denials: int = 10) -> str:
                      pod.get("identity") or "-", expiry, str(open_), conns))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     missing = status.get("not_captured") or []
     if missing:
         lines.append("")

@@ -28,12 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.lab.cnichain import plugin_config  # noqa: E402
-from tests.kubeapi import objects  # noqa: E402
-from tests.kubeapi import server as kubeapi_server  # noqa: E402
-from tests.kubeapi.server import KubeApiServer  # noqa: E402
-from tests.unit.test_cni_install import FLANNEL  # noqa: E402
-from tests.unit.test_cni_plugin import AMBIENT, ENROLLED, PREV_100, FakeAgent  # noqa: E402
+from lab.cnichain import plugin_config  # noqa: E402
+from bench.cni_fixtures import AMBIENT, ENROLLED, FLANNEL, PREV_100, FakeAgent  # noqa: E402
+from lab.kubeapi import objects  # noqa: E402
+from lab.kubeapi import server as kubeapi_server  # noqa: E402
+from lab.kubeapi.server import KubeApiServer  # noqa: E402
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.kube_sync [--pods 10000] [--runs 3]
 
-The test API server (tests/kubeapi, test-only) runs in a child process so
+The test API server (lab/kubeapi, a development tool) runs in a child process so
 its own copy of the objects does not count; it serves N pods shaped like a
 Deployment's pods on a real cluster (managedFields, last-applied
 annotation, env, volumes, probes, container statuses), spread over 50
@@ -35,7 +35,7 @@ import time
 
 _SERVER = r"""
 import json, sys, time
-from tests.kubeapi.server import KubeApiServer
+from lab.kubeapi.server import KubeApiServer
 from bench.kube_sync import realistic_objects
 api = KubeApiServer(bookmark_interval=30).start()
 for obj in realistic_objects(int(sys.argv[1])):

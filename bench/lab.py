@@ -1,6 +1,6 @@
 """The benchmark's lab: two nodes, meshed and unmeshed pods, servers, meters.
 
-Wraps ``agent.lab.Lab`` (the same kubelet the tests use). Everything it
+Wraps ``lab.Lab`` (the same kubelet the tests use). Everything it
 starts lives in the lab's namespaces and cgroups and goes away with
 ``close()``, which ``bench/run.py`` calls also on failure and Ctrl-C.
 """
@@ -18,9 +18,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.lab import sysops
-from agent.lab.lab import Lab
-from agent.lab.runtime import CniRunner
+from lab.lab import Lab
+from lab.runtime import CniRunner
 
 LOADGEN = str(Path(__file__).with_name("loadgen.py"))
 REPO = Path(__file__).resolve().parents[1]
@@ -117,11 +116,11 @@ class TimedLab(Lab):
     """The lab, with every CNI call timed (scenario 6)."""
 
     def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
         self.cni_timings: list[dict] = []
+        super().__init__(*a, cni_runner=self._timed_runner, **kw)
 
-    def _runner(self, nrec: dict) -> CniRunner:
-        runner = TimedCniRunner(str(self.bin_dir), sysops.netns_path(nrec["netns"]), self.cni_timeout)
+    def _timed_runner(self, bin_dir: str, netns: str, timeout: float) -> CniRunner:
+        runner = TimedCniRunner(bin_dir, netns, timeout)
         runner.timings = self.cni_timings
         return runner
 

@@ -23,72 +23,81 @@ static __always_inline int agent_socket(struct bpf_sock_addr *ctx)
     return (sk->mark & AGENT_MARK_MASK) == AGENT_MARK;
 }
 
-int ambient_connect4(struct bpf_sock_addr *ctx)
+/* The enrolled pod this TCP connect() comes from, or NULL when it is not to
+ * be captured: not TCP, no enrolled pod in this network namespace, or one of
+ * the agent's own (marked) sockets. */
+static __always_inline struct pod_config *capturing_pod(struct bpf_sock_addr *ctx)
 {
     if (ctx->type != SOCK_STREAM)
-        return 1;
+        return NULL;
     __u64 netns = bpf_get_netns_cookie(ctx);
     struct pod_config *pod = pod_config.lookup(&netns);
     if (!pod)
-        return 1;
+        return NULL;
     if (agent_socket(ctx)) {
         count(STAT_OUTBOUND_EXEMPT_MARK);
-        return 1;
+        return NULL;
     }
-    __u32 dst = ctx->user_ip4;
+    return pod;
+}
+
+/* An IPv4 destination (network order) that stays uncaptured: loopback,
+ * 0.0.0.0 ("this host") and the pod's own address (intra-pod traffic). */
+static __always_inline int ipv4_exempt(struct pod_config *pod, __u32 dst)
+{
     __u32 host = bpf_ntohl(dst);
     if ((host >> 24) == 127 || host == 0)
-        return 1;                         /* loopback and "this host" */
-    if ((pod->flags & POD_IPV4) && dst == pod->ip4)
-        return 1;                         /* intra-pod traffic */
+        return 1;
+    return (pod->flags & POD_IPV4) && dst == pod->ip4;
+}
 
+/* The capture itself, shared by every path: remember the original
+ * destination (family, address words in network order, the port from
+ * ctx->user_port) by socket cookie and point the port at the outbound
+ * listener. The caller has already pointed the address at loopback, through
+ * the ctx field its attach type may write (user_ip4 or user_ip6). */
+static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 family,
+                                   __u32 a0, __u32 a1, __u32 a2, __u32 a3)
+{
     struct orig_dst od = {};
-    od.family = AF_INET;
+    od.family = family;
     od.port = bpf_ntohs((__u16)ctx->user_port);
-    od.ip[0] = dst;
+    od.ip[0] = a0; od.ip[1] = a1; od.ip[2] = a2; od.ip[3] = a3;
     __u64 cookie = bpf_get_socket_cookie(ctx);
     pending_dst.update(&cookie, &od);
-
-    ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = bpf_htons(OUTBOUND_PORT);
     count(STAT_OUTBOUND_CAPTURED);
     return 1;
 }
 
-int ambient_connect6(struct bpf_sock_addr *ctx)
+int ambient_connect4(struct bpf_sock_addr *ctx)
 {
-    if (ctx->type != SOCK_STREAM)
-        return 1;
-    __u64 netns = bpf_get_netns_cookie(ctx);
-    struct pod_config *pod = pod_config.lookup(&netns);
+    struct pod_config *pod = capturing_pod(ctx);
     if (!pod)
         return 1;
-    if (agent_socket(ctx)) {
-        count(STAT_OUTBOUND_EXEMPT_MARK);
+    __u32 dst = ctx->user_ip4;
+    if (ipv4_exempt(pod, dst))
         return 1;
-    }
+    ctx->user_ip4 = bpf_htonl(0x7f000001);
+    return capture(ctx, AF_INET, dst, 0, 0, 0);
+}
+
+int ambient_connect6(struct bpf_sock_addr *ctx)
+{
+    struct pod_config *pod = capturing_pod(ctx);
+    if (!pod)
+        return 1;
     __u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
     __u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
-    struct orig_dst od = {};
-    od.port = bpf_ntohs((__u16)ctx->user_port);
 
     if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
         /* IPv4-mapped: a dual-stack socket reaching an IPv4 peer. The
          * connect4 hook does not run for it, so capture it here and
          * redirect to ::ffff:127.0.0.1 (the IPv4 listener). */
-        __u32 host = bpf_ntohl(a3);
-        if ((host >> 24) == 127 || host == 0)
+        if (ipv4_exempt(pod, a3))
             return 1;
-        if ((pod->flags & POD_IPV4) && a3 == pod->ip4)
-            return 1;
-        od.family = AF_INET;
-        od.ip[0] = a3;
-        __u64 cookie = bpf_get_socket_cookie(ctx);
-        pending_dst.update(&cookie, &od);
         ctx->user_ip6[3] = bpf_htonl(0x7f000001);
-        ctx->user_port = bpf_htons(OUTBOUND_PORT);
-        count(STAT_OUTBOUND_CAPTURED);
-        return 1;
+        return capture(ctx, AF_INET, a3, 0, 0, 0);
     }
     if (a0 == 0 && a1 == 0 && a2 == 0 && (a3 == 0 || a3 == bpf_htonl(1)))
         return 1;                         /* :: and ::1 */
@@ -96,15 +105,9 @@ int ambient_connect6(struct bpf_sock_addr *ctx)
         a2 == pod->ip6[2] && a3 == pod->ip6[3])
         return 1;                         /* intra-pod traffic */
 
-    od.family = AF_INET6;
-    od.ip[0] = a0; od.ip[1] = a1; od.ip[2] = a2; od.ip[3] = a3;
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    pending_dst.update(&cookie, &od);
     ctx->user_ip6[0] = 0;
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = 0;
     ctx->user_ip6[3] = bpf_htonl(1);
-    ctx->user_port = bpf_htons(OUTBOUND_PORT);
-    count(STAT_OUTBOUND_CAPTURED);
-    return 1;
+    return capture(ctx, AF_INET6, a0, a1, a2, a3);
 }

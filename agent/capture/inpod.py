@@ -33,8 +33,14 @@ import os
 import socket
 from dataclasses import dataclass
 
-from agent.capture.datapath import (HBONE_PORT, INBOUND_PORT, LISTENER_HBONE,
-                                    LISTENER_INBOUND, OUTBOUND_PORT, CaptureDatapath)
+from agent.capture.datapath import (
+    HBONE_PORT,
+    INBOUND_PORT,
+    LISTENER_HBONE,
+    LISTENER_INBOUND,
+    OUTBOUND_PORT,
+    CaptureDatapath,
+)
 from agent.netns import NetnsSwitcher, netns_cookie, open_netns
 
 log = logging.getLogger(__name__)

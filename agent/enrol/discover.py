@@ -24,8 +24,8 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from agent.netns import NetnsError, NetnsSwitcher, open_netns, refused_netns
 
@@ -125,7 +125,7 @@ class PodNetns:
     gateways: list[str] = field(default_factory=list)
 
 
-def match(views: Iterable[NetnsView], pod_ips: Iterable[str]) -> PodNetns | None | str:
+def match(views: Iterable[NetnsView], pod_ips: Iterable[str]) -> PodNetns | str | None:
     """The namespace holding the pod's IPs: a PodNetns, None if none does,
     or an error message when the answer is ambiguous (two namespaces claim
     the pod's IP: capturing either could steer another pod's traffic).

@@ -11,8 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from agent.enrol.records import PodRecord
 from agent.enrol import rule
+from agent.enrol.records import PodRecord
 from agent.enrol.rule import DEFAULT_EXCLUDED, EnrolmentDecision, decide, pod_namespace
 from agent.state.model import pod_ips
 
@@ -112,7 +112,8 @@ def unrecorded(state, node: str, records: dict[str, PodRecord],
     """
     found = []
     for pod in state.pods_on_node(node):
-        ns, name = pod_namespace(pod), (pod.get("metadata") or {}).get("name")
+        # The state indexes only objects with a metadata.name string (state.model._problem).
+        ns, name = pod_namespace(pod), str(pod["metadata"]["name"])
         uid = str((pod.get("metadata") or {}).get("uid") or "")
         ips = pod_ips(pod)
         if not ips or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
@@ -131,9 +132,9 @@ def annotation_changes(state, node: str, captured: set[str]) -> list[tuple[str, 
     annotation of this node's pods say the truth: ``enabled`` exactly on the
     pods the agent captures (value None removes it).
     """
-    changes = []
+    changes: list[tuple[str, str, str | None]] = []
     for pod in state.pods_on_node(node):
-        ns, name = pod_namespace(pod), (pod.get("metadata") or {}).get("name")
+        ns, name = pod_namespace(pod), str(pod["metadata"]["name"])
         key = f"{ns}/{name}"
         annotations = (pod.get("metadata") or {}).get("annotations") or {}
         current = annotations.get(REDIRECTION_ANNOTATION) if isinstance(annotations, dict) else None

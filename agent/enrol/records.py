@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+
+from agent.fileio import atomic_write, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +45,19 @@ class RecordStore:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Temporary files of writers that died between write and rename
+        # (the records themselves are intact: the rename never happened).
+        for name in remove_stale_temps(directory):
+            log.info("removed %s, left by an interrupted record write", name)
 
     def _path(self, rec: PodRecord) -> str:
         return os.path.join(self.directory, _SAFE.sub("_", f"{rec.namespace}__{rec.name}") + ".json")
 
     def save(self, rec: PodRecord) -> None:
-        path = self._path(rec)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(asdict(rec), fh)
-        os.replace(tmp, path)
+        """Replace the pod's record atomically and durably: these records decide
+        which pods are re-adopted after a crash, so a crash (or power loss)
+        mid-save leaves the previous record, never a torn or empty one."""
+        atomic_write(self._path(rec), json.dumps(asdict(rec)).encode(), 0o644)
 
     def remove(self, rec: PodRecord) -> None:
         try:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from cryptography import x509
 
+from agent.fileio import FileWatch
 from agent.identity import pki
 
 log = logging.getLogger(__name__)
@@ -34,21 +34,14 @@ class TrustBundle:
         self._sleep = sleep
         self._pem = b""
         self._certificates: list[x509.Certificate] = []
-        self._stamp: tuple | None = None
-        self._callbacks: list[Callable[[bytes], None]] = []
-
-    def _current_stamp(self) -> tuple | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._watch = FileWatch(path)
+        self._callbacks: list[Callable[[bytes], object]] = []
 
     def load(self) -> bool:
         """Read the file now; True if the roots changed. TrustBundleError if it is unusable."""
         # Stamp before reading: if the file is replaced in between, the next
         # poll sees a newer stamp and reads again, so no change is missed.
-        stamp = self._current_stamp()
+        stamp = self._watch.stamp()
         try:
             with open(self.path, "rb") as fh:
                 data = fh.read()
@@ -58,7 +51,7 @@ class TrustBundle:
             certs = pki.load_certificates(data, f"trust bundle {self.path}")
         except pki.PkiError as exc:
             raise TrustBundleError(str(exc)) from None
-        self._stamp = stamp
+        self._watch.handled(stamp)
         # Normalise (one PEM block per root, no comments) so that rewriting
         # the same roots differently is not a change.
         pem = b"".join(pki.certificate_pem(c) for c in certs)
@@ -83,20 +76,18 @@ class TrustBundle:
     def certificates(self) -> list[x509.Certificate]:
         return list(self._certificates)
 
-    def on_change(self, callback: Callable[[bytes], None]) -> None:
+    def on_change(self, callback: Callable[[bytes], object]) -> None:
         """Call ``callback(pem)`` after every change of the roots (not for the current ones)."""
         self._callbacks.append(callback)
 
     async def watch(self) -> None:
         """Poll the file forever; reload when its inode, size or mtime changes."""
-        bad: tuple | None = None
         while True:
-            stamp = self._current_stamp()
-            if stamp is not None and stamp != self._stamp and stamp != bad:
+            stamp = self._watch.stamp()
+            if stamp is not None and self._watch.is_new(stamp):
                 try:
                     self.load()
-                    bad = None
                 except TrustBundleError as exc:
-                    bad = stamp     # log a broken version once, not every poll
+                    self._watch.failed(stamp)   # log a broken version once, not every poll
                     log.error("keeping trust bundle version %d: %s", self.version, exc)
             await self._sleep(self.poll_interval)

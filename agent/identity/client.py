@@ -5,7 +5,7 @@ HTTP/2 (github.com/grpc/grpc, doc/PROTOCOL-HTTP2.md) with the ``h2`` library
 and the ``ssl`` module the data path already uses. grpcio is not used in the
 agent: its C core costs about 17 MB resident (the cygrpc module and
 libstdc++) and six threads, for a call made a few times a day per identity.
-The CA server (``ca.py``) still runs on grpcio, so every test of this client
+The CA server (``agent/ca/server.py``) still runs on grpcio, so every test of this client
 against it is a test against an independent gRPC implementation.
 
 Each call opens its own TLS connection and closes it afterwards: calls are
@@ -19,7 +19,8 @@ import asyncio
 import enum
 import logging
 import ssl
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 from urllib.parse import unquote
 
 import h2.config
@@ -28,8 +29,7 @@ import h2.events
 import h2.exceptions
 from google.protobuf import struct_pb2
 
-from agent.identity.policy import IMPERSONATED_IDENTITY
-from agent.identity.proto import ca_pb2
+from agent.identity.proto import IMPERSONATED_IDENTITY, ca_pb2
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class CaClient:
         context = self._ssl_context()
         try:
             return await asyncio.wait_for(self._exchange(context, path, message, metadata), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise CaError(StatusCode.DEADLINE_EXCEEDED,
                           f"no answer from the CA at {self.address} within {self.timeout:g} s") from None
 
@@ -221,7 +221,7 @@ class CaClient:
     async def close(self) -> None:
         """Nothing stays open between calls; kept for the callers' lifecycle."""
 
-    async def __aenter__(self) -> "CaClient":
+    async def __aenter__(self) -> CaClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -264,10 +264,11 @@ async def _call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, auth
         if not data:
             raise CaError(StatusCode.UNAVAILABLE, f"CA at {address} closed the connection before answering")
         for event in conn.receive_data(data):
+            # header_encoding="utf-8" (above): h2 hands over str pairs, which its types cannot say.
             if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
-                headers = dict(event.headers)
+                headers = dict(cast("list[tuple[str, str]]", event.headers))
             elif isinstance(event, h2.events.TrailersReceived) and event.stream_id == stream:
-                trailers = dict(event.headers)
+                trailers = dict(cast("list[tuple[str, str]]", event.headers))
             elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
                 body += event.data
                 conn.acknowledge_received_data(event.flow_controlled_length, stream)
@@ -279,10 +280,9 @@ async def _call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, auth
             elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
                 raise CaError(StatusCode.UNAVAILABLE if event.error_code == 7 else StatusCode.INTERNAL,
                               f"CA at {address} reset the call (HTTP/2 error {event.error_code})")
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                if not ended:
-                    raise CaError(StatusCode.UNAVAILABLE, f"CA at {address} closed the connection "
-                                                          f"(GOAWAY, HTTP/2 error {event.error_code})")
+            elif isinstance(event, h2.events.ConnectionTerminated) and not ended:
+                raise CaError(StatusCode.UNAVAILABLE, f"CA at {address} closed the connection "
+                                                      f"(GOAWAY, HTTP/2 error {event.error_code})")
     code, detail = call_status(headers, trailers)
     if code != StatusCode.OK:
         raise CaError(code, detail or code.name)

@@ -19,11 +19,13 @@ import datetime as dt
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity import pki
 from agent.identity.bundle import TrustBundle, TrustBundleError
@@ -115,7 +117,7 @@ class CertificateManager:
                  rng: random.Random | None = None,
                  backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX,
                  on_update: Callable[[WorkloadCertificate], None] | None = None,
-                 key_factory: Callable[[], object] = pki.generate_key) -> None:
+                 key_factory: Callable[[], ec.EllipticCurvePrivateKey] = pki.generate_key) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self.client = client
@@ -162,7 +164,7 @@ class CertificateManager:
             return await self._wait_valid(entry)
         try:
             return await asyncio.wait_for(self._wait_valid(entry), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise CertificateTimeout(
                 f"no certificate for {identity.uri} within {timeout:g} s "
                 f"({entry.failures} failed attempts; last error: {entry.last_error or 'none yet'})"
@@ -312,4 +314,4 @@ class CertificateManager:
 
 
 def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")

@@ -57,7 +57,7 @@ class NodeIdentities:
         self._watch: asyncio.Task | None = None
 
     @classmethod
-    def create(cls, config, on_ca_result=lambda result: None) -> "NodeIdentities":
+    def create(cls, config, on_ca_result=lambda result: None) -> NodeIdentities:
         return cls(config.ca_address, config.ca_root, config.token_file, config.trust_domain,
                    config.run_dir, on_ca_result)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -28,7 +29,7 @@ class PkiError(ValueError):
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -68,7 +69,7 @@ def load_signing_key(data: bytes, what: str) -> SigningKey:
     return key
 
 
-def signature_hash(key: SigningKey) -> hashes.HashAlgorithm:
+def signature_hash(key: SigningKey) -> hashes.SHA256:
     # SHA-256 for everything: every TLS stack verifies it, and the keys we
     # accept (P-256, RSA >= 2048) offer no more than 128-bit security anyway.
     return hashes.SHA256()
@@ -118,7 +119,10 @@ def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())
+        # An issuer here is always our own signing material, whose key is a
+        # SigningKey (load_signing_key; material.assemble checks cert and key match).
+        key = cast("ec.EllipticCurvePublicKey | rsa.RSAPublicKey", issuer.public_key())
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(key)
 
 
 def _end_entity(public_key, issuer: x509.Certificate, subject: x509.Name,

@@ -105,18 +105,40 @@ def parse_spiffe_uri(uri: object) -> WorkloadIdentity:
         raise IdentityError(f"SPIFFE ID {uri!r}: {exc}") from None
 
 
-def identity_of_pod(pod: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> WorkloadIdentity:
-    """The identity a pod runs as: its namespace and ``spec.serviceAccountName``.
+# Kubernetes admits a pod that names no service account into its namespace's "default" one.
+DEFAULT_SERVICE_ACCOUNT = "default"
 
-    Kubernetes admits pods without ``serviceAccountName`` into the namespace's
-    ``default`` service account, so that is the default here too.
+
+def service_account_of(spec) -> str:
+    """The one rule for the service account a pod runs as (so its SPIFFE identity).
+
+    ``spec.serviceAccountName``; else the deprecated ``spec.serviceAccount``,
+    which Kubernetes still reads as its alias (the API server copies it into
+    ``serviceAccountName`` when only it is set); else ``default``. The typed
+    ``agent.state.model.Pod`` and ``identity_of_pod`` both use this; nothing
+    else may read those fields.
+    """
+    if isinstance(spec, dict):
+        for key in ("serviceAccountName", "serviceAccount"):
+            value = spec.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return DEFAULT_SERVICE_ACCOUNT
+
+
+def identity_of_pod(pod: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> WorkloadIdentity:
+    """The identity a pod (a wire object) runs as: its namespace and ``service_account_of``.
+
+    Code holding a ``ClusterState`` uses ``Pod.identity`` (the same rule,
+    computed once per state).
     """
     if not isinstance(pod, dict):
         raise IdentityError(f"pod must be an object, not {type(pod).__name__}")
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict):
+        meta = {}
     namespace = meta.get("namespace") or "default"
-    service_account = spec.get("serviceAccountName") or "default"
+    service_account = service_account_of(pod.get("spec"))
     try:
         return WorkloadIdentity(trust_domain, namespace, service_account)
     except IdentityError as exc:

@@ -19,7 +19,8 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 ACCESS_LOGGER = "access"
 
@@ -59,7 +60,7 @@ def _iso(ts: Any) -> str:
         return ""
     if ts <= 0:
         return ""
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _int(value: Any) -> int:

@@ -23,11 +23,13 @@ import fnmatch
 import inspect
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.registry import Collector
 
 from agent.observe.metrics import WithoutCreated
 
@@ -219,6 +221,7 @@ class HttpListener:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None         # asyncio.start_server runs each client in a task
         if len(self._clients) >= self.max_connections:
             writer.transport.abort()
             return
@@ -237,7 +240,7 @@ class HttpListener:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(read_request(reader), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._send(writer, text(408, "request not received in time"), reader)
             return
         except HttpError as exc:
@@ -297,7 +300,7 @@ class HttpListener:
                 return
             try:
                 chunk = await asyncio.wait_for(reader.read(65536), remaining)
-            except (asyncio.TimeoutError, ConnectionError, OSError):
+            except (TimeoutError, ConnectionError, OSError):
                 return
             if not chunk:
                 return
@@ -312,7 +315,7 @@ class HttpListener:
                 await self._linger(reader, writer)
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), self.timeout)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError, OSError):
             writer.transport.abort()
 
 
@@ -409,7 +412,7 @@ async def _maybe_await(value):
 class AdminServer:
     """Metrics (15020), readiness (15021) and admin (127.0.0.1:15000) listeners."""
 
-    def __init__(self, metrics_registry: CollectorRegistry, readiness: Readiness,
+    def __init__(self, metrics_registry: Collector, readiness: Readiness,
                  config_dump: Callable[[], Any], shutdown: Callable[[], Any],
                  metrics_addr: tuple[str, int] = ("0.0.0.0", 15020),
                  ready_addr: tuple[str, int] = ("0.0.0.0", 15021),
@@ -421,7 +424,7 @@ class AdminServer:
         self.config_dump = config_dump
         self.shutdown = shutdown
         self.before_scrape = before_scrape
-        metrics_routes = {"GET": self._metrics}
+        metrics_routes: dict[str, Route] = {"GET": self._metrics}
         self.listeners = {
             "metrics": HttpListener("metrics", metrics_addr, {
                 "/metrics": metrics_routes, "/stats/prometheus": metrics_routes},

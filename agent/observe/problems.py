@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _DIGITS = re.compile(r"\d+")
 OVERFLOW = ("(other problems)",)

@@ -6,8 +6,11 @@ imports this package on every start):
 * ``model``: the values (rules, matchers, scopes, policies) and how they match;
 * ``parse``: ``security.istio.io/v1`` and ``v1beta1`` objects -> model, with
   ``Rejection`` and report lines;
-* ``engine``: ``PolicySet.from_state(state).evaluate(Request) -> Decision``;
-* ``hook``: ``make_hook`` adapts the engine to ``DataPlane.policy``;
+* ``request``: ``InboundRequest`` and ``PolicyDecision``, the contract the
+  data plane (``agent/proxy/forward.py``) imports;
+* ``engine``: ``PolicySet.from_state(state).evaluate(InboundRequest, pod) -> PolicyDecision``;
+* ``hook``: ``make_hook``, the data plane's ``DataPlane.policy``: finds the
+  destination pod in the current state, evaluates, fails closed;
 * ``cli``: ``ambient-agent policy check|explain``.
 
 Choices made where Istio is silent, ambiguous, or ztunnel differs from the docs:

@@ -110,21 +110,21 @@ class _Usage(Exception):
     pass
 
 
-def _pod(state, text: str, what: str) -> dict:
+def _pod(state, text: str, what: str):
+    """The typed ``agent.state.model.Pod`` named ``text`` (NAMESPACE/POD)."""
     namespace, slash, name = text.partition("/")
     if not slash or not namespace or not name:
         raise _Usage(f"{what} {text!r}: expected NAMESPACE/POD")
-    pod = state.pod(namespace, name)
+    pod = state.pod_view(namespace, name)
     if pod is None:
         raise _Usage(f"{what}: no pod {namespace}/{name} in the cluster state")
     return pod
 
 
-def _address(pod: dict, text: str, family: int | None = None) -> str:
+def _address(pod, text: str, family: int | None = None) -> str:
     import ipaddress
 
-    from agent.state.model import pod_ips
-    ips = pod_ips(pod)
+    ips = pod.ips
     if not ips:
         raise _Usage(f"pod {text} has no IP address yet (status.podIP)")
     if family is not None:
@@ -140,7 +140,8 @@ def _address(pod: dict, text: str, family: int | None = None) -> str:
 def _explain(args: argparse.Namespace) -> int:
     import ipaddress
 
-    from agent.policy.engine import PolicySet, Request
+    from agent.policy.engine import PolicySet
+    from agent.policy.request import InboundRequest
     from agent.state.model import StateError
     from agent.state.source import open_state_source
 
@@ -167,18 +168,14 @@ def _explain(args: argparse.Namespace) -> int:
             src_ip = _address(src_pod, args.source, family)
             source_text = args.source
             if not args.plaintext:
-                spec = src_pod.get("spec") if isinstance(src_pod.get("spec"), dict) else {}
-                account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-                namespace = args.source.partition("/")[0]
-                identity = f"spiffe://{args.trust_domain}/ns/{namespace}/sa/{account}"
+                identity = src_pod.identity_uri(args.trust_domain)
     except (_Usage, StateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
     policies = PolicySet.from_state(state, args.root_namespace, args.trust_domain)
-    request = Request(pod=dst_pod, destination_ip=dst_ip, destination_port=int(port_text), source_ip=src_ip,
-                      source_port=0, source_identity=identity)
-    decision, trace = policies.explain(request)
+    request = InboundRequest(target, src_ip, 0, dst_ip, int(port_text), identity)
+    decision, trace = policies.explain(request, dst_pod)
     print(f"{'ALLOWED' if decision.allowed else 'DENIED'}: {source_text} -> {args.destination}")
     print(f"reason: {decision.reason}")
     print(f"decided by: {decision.policy or 'a default'}"

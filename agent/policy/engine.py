@@ -2,7 +2,9 @@
 
 ``PolicySet.from_state(state)`` reads every ``security.istio.io``
 AuthorizationPolicy and PeerAuthentication of a ``ClusterState``;
-``evaluate(Request)`` decides, in Istio's order:
+``evaluate(InboundRequest, workload) -> PolicyDecision`` (``request.py``)
+decides for the destination ``workload`` (a ``agent.state.model.Pod``, or a
+``Workload``: namespace and labels), in Istio's order:
 
 1. PeerAuthentication: STRICT and the connection has no peer identity
    (plaintext): denied. The mode is the workload policy's (its
@@ -17,68 +19,55 @@ AuthorizationPolicy and PeerAuthentication of a ``ClusterState``;
 3. No ALLOW policy selects the workload: allowed.
 4. A matching ALLOW policy allows; otherwise denied.
 
-AUDIT policies never change the decision; a match sets ``Decision.audit``.
+AUDIT policies never change the decision; a match sets ``PolicyDecision.audit``.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from agent.policy.model import (
-    ALLOW, AUDIT, AUTHORIZATION_POLICY, CUSTOM, DENY, PEER_AUTHENTICATION, PERMISSIVE, STRICT, UNSET,
-    AuthorizationPolicy, Peer, PeerAuthentication, Rejection,
+    ALLOW,
+    AUDIT,
+    AUTHORIZATION_POLICY,
+    CUSTOM,
+    DENY,
+    PEER_AUTHENTICATION,
+    PERMISSIVE,
+    STRICT,
+    UNSET,
+    AuthorizationPolicy,
+    Peer,
+    PeerAuthentication,
+    Rejection,
 )
 from agent.policy.parse import (
-    CLUSTER_LOCAL, DEFAULT_NAMESPACE, effective_mode, is_security_object, namespace_and_name,
-    parse_authorization_policy, parse_peer_authentication,
+    CLUSTER_LOCAL,
+    effective_mode,
+    is_security_object,
+    namespace_and_name,
+    parse_authorization_policy,
+    parse_peer_authentication,
 )
+from agent.policy.request import InboundRequest, PolicyDecision, Workload
+from agent.state.model import Pod
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 
-@dataclass(frozen=True)
-class Request:
-    """One inbound connection to a workload.
-
-    The workload is ``pod`` (a Pod object), or ``namespace`` + ``labels``
-    (+ ``name`` for messages) when there is no Pod object.
-    ``source_identity``: the peer's full SPIFFE ID
-    (``spiffe://cluster.local/ns/frontend/sa/website``), None for plaintext.
-    """
-    pod: dict | None
-    destination_ip: str
-    destination_port: int
-    source_ip: str
-    source_port: int = 0
-    source_identity: str | None = None
-    namespace: str | None = None
-    labels: Mapping[str, str] | None = None
-    name: str | None = None
-
-    def workload(self) -> tuple[str, str, Mapping[str, str]]:
-        """(namespace, "namespace/name" for messages, labels)."""
-        if self.pod is not None:
-            meta = self.pod.get("metadata") if isinstance(self.pod.get("metadata"), dict) else {}
-            namespace = meta.get("namespace") or DEFAULT_NAMESPACE
-            labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
-            return namespace, f"{namespace}/{meta.get('name', '?')}", labels
-        if not self.namespace:
-            raise ValueError("a Request needs the destination pod, or its namespace and labels")
-        labels = dict(self.labels or {})
-        shown = self.name or ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}")
-        return self.namespace, f"{self.namespace}/{shown}", labels
+Destination = Pod | Workload
 
 
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    reason: str
-    policy: str | None = None      # "namespace/name" of the policy that decided; None: a default
-    rule: int | None = None        # index of the rule that matched in it
-    audit: bool = False            # an AUDIT policy matched
-    mtls_mode: str = PERMISSIVE    # the mode enforced for this workload and port: STRICT or PERMISSIVE
+def _workload(workload: Destination | None) -> tuple[str, str, Mapping[str, str]]:
+    """(namespace, "namespace/name" for messages, labels) of the destination."""
+    if isinstance(workload, Pod):
+        return workload.namespace, f"{workload.namespace}/{workload.name or '?'}", workload.labels
+    if workload is None or not workload.namespace:
+        raise ValueError("a request needs the destination pod, or its namespace and labels")
+    labels = dict(workload.labels or {})
+    shown = workload.name or ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}")
+    return workload.namespace, f"{workload.namespace}/{shown}", labels
 
 
 def _ip(text: str, what: str):
@@ -90,7 +79,7 @@ def _ip(text: str, what: str):
     return mapped if mapped is not None else ip
 
 
-def _peer(req: Request) -> Peer:
+def _peer(req: InboundRequest) -> Peer:
     source, destination = _ip(req.source_ip, "source IP"), _ip(req.destination_ip, "destination IP")
     port = req.destination_port
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
@@ -148,7 +137,9 @@ class PolicySet:
                 found[key] = parse_authorization_policy(obj, root_namespace, trust_domain)
             else:
                 found[key] = parse_peer_authentication(obj, root_namespace)
-        authorization, peer_auth, rejections = [], [], []
+        authorization: list[AuthorizationPolicy] = []
+        peer_auth: list[PeerAuthentication] = []
+        rejections: list[Rejection] = []
         for (kind, _, _), (policy, rejection, lines) in found.items():
             (authorization if kind == AUTHORIZATION_POLICY else peer_auth).append(policy)
             if rejection is not None:
@@ -187,32 +178,33 @@ class PolicySet:
 
     # -- decisions -----------------------------------------------------------
 
-    def evaluate(self, req: Request) -> Decision:
-        return self._evaluate(req, None)
+    def evaluate(self, req: InboundRequest, workload: Destination | None) -> PolicyDecision:
+        return self._evaluate(req, workload, None)
 
-    def explain(self, req: Request) -> tuple[Decision, list[str]]:
+    def explain(self, req: InboundRequest, workload: Destination | None) -> tuple[PolicyDecision, list[str]]:
         """The decision and how it was reached, one line per step (for people)."""
         trace: list[str] = []
-        return self._evaluate(req, trace), trace
+        return self._evaluate(req, workload, trace), trace
 
-    def _evaluate(self, req: Request, trace: list[str] | None) -> Decision:
+    def _evaluate(self, req: InboundRequest, workload: Destination | None,
+                  trace: list[str] | None) -> PolicyDecision:
         note = trace.append if trace is not None else (lambda line: None)
         try:
-            namespace, who, labels = req.workload()
+            namespace, who, labels = _workload(workload)
         except ValueError as exc:
-            return Decision(False, f"{exc}: denied", mtls_mode=STRICT)
+            return PolicyDecision(False, f"{exc}: denied", mtls_mode=STRICT)
         labels_text = ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
         note(f"destination: {who} (labels {labels_text}), {req.destination_ip} port {req.destination_port}")
         mode, pa, detail = self.mtls(namespace, labels, req.destination_port)
         try:
             peer = _peer(req)
         except ValueError as exc:
-            return Decision(False, f"{exc}: denied", mtls_mode=mode)
+            return PolicyDecision(False, f"{exc}: denied", mtls_mode=mode)
         note(f"source: {peer.describe_source()}")
         note(f"mTLS: {mode} ({detail})")
         if mode == STRICT and peer.principal is None:
             note("AuthorizationPolicies: not evaluated (the mTLS check decided)")
-            return Decision(False, f"STRICT mTLS ({detail}) and the connection is plaintext: denied",
+            return PolicyDecision(False, f"STRICT mTLS ({detail}) and the connection is plaintext: denied",
                             pa.key if pa else None, mtls_mode=mode)
 
         applicable = self.policies_for(namespace, labels)
@@ -236,7 +228,7 @@ class PolicySet:
         audited = f" (audited by {', '.join(audits)})" if audits else ""
 
         def decide(allowed: bool, reason: str, policy: str | None = None, rule: int | None = None):
-            return Decision(allowed, reason + audited, policy, rule, bool(audits), mode)
+            return PolicyDecision(allowed, reason + audited, policy, rule, bool(audits), mode)
 
         for policy in applicable:
             if policy.action not in (DENY, CUSTOM) and not policy.denies_all:

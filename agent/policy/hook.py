@@ -1,33 +1,29 @@
 """The data plane's policy hook, backed by the policy engine.
 
-``DataPlane.policy`` takes ``forward.InboundRequest`` and returns
-``forward.PolicyDecision``; ``make_hook`` adapts ``PolicySet.evaluate`` to
-that. Anything unexpected (the destination pod missing from the state, an
-error in the engine) denies: the hook fails closed.
+``DataPlane.policy`` takes an ``InboundRequest`` and returns a
+``PolicyDecision`` (both ``request.py``); ``make_hook`` finds the destination
+pod in the current cluster state and asks ``PolicySet.evaluate``. Anything
+unexpected (the destination pod missing from the state, an error in the
+engine) denies: the hook fails closed.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
-from agent.policy.engine import DEFAULT_ROOT_NAMESPACE, PolicySet, Request
+from agent.policy.engine import DEFAULT_ROOT_NAMESPACE, PolicySet
 from agent.policy.parse import CLUSTER_LOCAL
-from agent.proxy.forward import InboundRequest, PolicyDecision
-from agent.state.model import ClusterState
+from agent.policy.request import InboundRequest, PolicyDecision
+from agent.state.model import ClusterState, Pod
 
 log = logging.getLogger(__name__)
 
 
-def request_for(inbound: InboundRequest, state: ClusterState) -> Request | None:
-    """The engine's request for ``inbound``; None when its pod is not in ``state``."""
+def destination_of(inbound: InboundRequest, state: ClusterState) -> Pod | None:
+    """The destination pod of ``inbound`` (``namespace/name``) in ``state``, if it is there."""
     namespace, _, name = inbound.pod.partition("/")
-    pod = state.pod(namespace, name) if name else None
-    if pod is None:
-        return None
-    return Request(pod=pod, destination_ip=inbound.destination_ip, destination_port=inbound.destination_port,
-                   source_ip=inbound.source_ip, source_port=inbound.source_port,
-                   source_identity=inbound.source_identity)
+    return state.pod_view(namespace, name) if name else None
 
 
 def make_hook(get_policy_set: Callable[[], PolicySet], get_state: Callable[[], ClusterState]
@@ -36,15 +32,14 @@ def make_hook(get_policy_set: Callable[[], PolicySet], get_state: Callable[[], C
 
     def hook(inbound: InboundRequest) -> PolicyDecision:
         try:
-            request = request_for(inbound, get_state())
-            if request is None:
+            pod = destination_of(inbound, get_state())
+            if pod is None:
                 return PolicyDecision(False, f"destination pod {inbound.pod} is not in the cluster state: "
                                              "denied (fail closed)")
-            decision = get_policy_set().evaluate(request)
+            return get_policy_set().evaluate(inbound, pod)
         except Exception as exc:   # a bug must not open the door
             log.exception("policy evaluation failed for %s", inbound)
             return PolicyDecision(False, f"policy engine error ({type(exc).__name__}: {exc}): denied (fail closed)")
-        return PolicyDecision(decision.allowed, decision.reason, decision.audit)
 
     return hook
 

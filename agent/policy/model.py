@@ -24,11 +24,11 @@ Matching follows Istio (and ztunnel, its L4 enforcer):
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Union
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ALLOW, DENY, AUDIT, CUSTOM = "ALLOW", "DENY", "AUDIT", "CUSTOM"
 ACTIONS = (ALLOW, DENY, AUDIT, CUSTOM)
@@ -173,6 +173,7 @@ class Condition:
 
     def mismatch(self, peer: Peer) -> str | None:
         key = self.key
+        value: object
         if key == "source.ip":
             value, present, test = peer.source_ip, True, lambda n: _in(peer.source_ip, n)
         elif key == "destination.ip":

@@ -32,11 +32,33 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from agent.policy.model import (
-    ACTIONS, ALLOW, AUDIT, AUTHORIZATION_POLICY, CUSTOM, DENY, DISABLE, L4_CONDITION_KEYS, MTLS_MODES,
-    PEER_AUTHENTICATION, PERMISSIVE, STRICT, UNSET, AuthorizationPolicy, Condition, Operation,
-    PeerAuthentication, Rejection, Rule, Scope, ServiceAccountMatch, Source, StringMatch,
+    ACTIONS,
+    ALLOW,
+    AUDIT,
+    AUTHORIZATION_POLICY,
+    CUSTOM,
+    DENY,
+    DISABLE,
+    L4_CONDITION_KEYS,
+    MTLS_MODES,
+    PEER_AUTHENTICATION,
+    PERMISSIVE,
+    STRICT,
+    UNSET,
+    AuthorizationPolicy,
+    Condition,
+    Operation,
+    PeerAuthentication,
+    Rejection,
+    Rule,
+    Scope,
+    ServiceAccountMatch,
+    Source,
+    StringMatch,
 )
 from agent.state.model import api_group_of
 
@@ -48,11 +70,6 @@ CLUSTER_LOCAL = "cluster.local"
 
 _SPEC_FIELDS = ("selector", "targetRef", "targetRefs", "rules", "action", "provider")
 _RULE_FIELDS = ("from", "to", "when")
-_SOURCE_L4 = ("principals", "notPrincipals", "namespaces", "notNamespaces", "serviceAccounts",
-              "notServiceAccounts", "ipBlocks", "notIpBlocks")
-_SOURCE_L7 = ("requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks")
-_OPERATION_L4 = ("ports", "notPorts")
-_OPERATION_L7 = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 _CONDITION_FIELDS = ("key", "values", "notValues")
 _TARGET_REF_FIELDS = ("group", "kind", "name", "namespace")
 _PA_SPEC_FIELDS = ("selector", "mtls", "portLevelMtls")
@@ -214,6 +231,83 @@ def _each(values, convert):
     return tuple(v for v in (convert(text, i) for i, text in enumerate(values)) if v is not None)
 
 
+# -- rule clauses: `from` sources and `to` operations, one table each ------------
+
+# (reader, the field's strings, the field's path) -> the model's tuple of matches
+_Convert = Callable[["_PolicyReader", list[str], str], tuple]
+
+
+def _per_value(convert: Callable[[_PolicyReader, str, str], object]) -> _Convert:
+    """A field converter from ``convert(reader, text, path)`` for one value; bad values are dropped."""
+    return lambda reader, values, path: _each(values, lambda text, n: convert(reader, text, f"{path}[{n}]"))
+
+
+_principals = _per_value(lambda r, text, path: _principal(text, path, r.problems, r.trust_domain))
+_matches = _per_value(lambda r, text, path: _string_match(text, path, r.problems))
+_networks = _per_value(lambda r, text, path: _network(text, path, r.problems))
+_ports = _per_value(lambda r, text, path: _port(text, path, r.problems))
+
+
+def _accounts(reader: _PolicyReader, values: list[str], path: str) -> tuple:
+    return _service_accounts(values, path, reader.problems, reader.namespace)
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One key of a ``source`` or ``operation``.
+
+    ``attr`` is the model field it fills; L7 keys have none (a node agent
+    cannot see them: the rule reports them) and ``convert`` only validates.
+    ``example`` says how a number should be written, for the type error."""
+    key: str
+    attr: str | None
+    convert: _Convert | None = None
+    example: str = ""
+
+
+@dataclass(frozen=True)
+class _Clause:
+    list_key: str                     # `from` or `to` in the rule
+    entry_key: str                    # `source` or `operation` in each entry
+    fields: tuple[_Field, ...]        # in the order their problems are reported
+    build: Callable[..., object]      # the model type, called with each L4 field's attr
+    conflict: Callable[[dict[str, list[str]]], str] = lambda values: ""
+
+
+def _source_conflict(values: dict[str, list[str]]) -> str:
+    if (values["serviceAccounts"] or values["notServiceAccounts"]) and (
+            values["principals"] or values["notPrincipals"] or values["namespaces"] or values["notNamespaces"]):
+        return "cannot set serviceAccounts with namespaces or principals"
+    return ""
+
+
+_SOURCE = _Clause("from", "source", (
+    _Field("principals", "principals", _principals),
+    _Field("notPrincipals", "not_principals", _principals),
+    _Field("namespaces", "namespaces", _matches),
+    _Field("notNamespaces", "not_namespaces", _matches),
+    _Field("serviceAccounts", "service_accounts", _accounts),
+    _Field("notServiceAccounts", "not_service_accounts", _accounts),
+    _Field("ipBlocks", "ip_blocks", _networks),
+    _Field("notIpBlocks", "not_ip_blocks", _networks),
+    _Field("requestPrincipals", None),
+    _Field("notRequestPrincipals", None),
+    _Field("remoteIpBlocks", None, _networks),
+    _Field("notRemoteIpBlocks", None, _networks),
+), Source, _source_conflict)
+
+_OPERATION = _Clause("to", "operation", (
+    _Field("ports", "ports", _ports, example='"{}"'),
+    _Field("notPorts", "not_ports", _ports, example='"{}"'),
+    _Field("hosts", None),
+    _Field("notHosts", None),
+    _Field("methods", None),
+    _Field("notMethods", None),
+    _Field("paths", None),
+    _Field("notPaths", None),
+), Operation)
+
+
 # -- AuthorizationPolicy ----------------------------------------------------------
 
 class _PolicyReader:
@@ -222,8 +316,8 @@ class _PolicyReader:
         self.namespace = namespace
         self.name = name
         self.root = namespace == root_namespace
-        self.trust_domain = trust_domain
-        self.problems = _Problems()
+        self.trust_domain: str = trust_domain
+        self.problems: _Problems = _Problems()
         self.reports: list[str] = []
         self.key = f"{AUTHORIZATION_POLICY} {namespace}/{name}"
 
@@ -353,8 +447,8 @@ class _PolicyReader:
             if raw is None:
                 continue
             l7: list[str] = []
-            sources = self._sources(raw, path, l7)
-            operations = self._operations(raw, path, l7)
+            sources = self._clauses(_SOURCE, raw, path, l7)
+            operations = self._clauses(_OPERATION, raw, path, l7)
             conditions = self._conditions(raw, path, l7)
             if l7:
                 names = ", ".join(dict.fromkeys(l7))
@@ -384,89 +478,42 @@ class _PolicyReader:
             return None
         return value
 
-    def _sources(self, raw: dict, path: str, l7: list[str]) -> tuple[Source, ...] | None:
-        entries = self._list(raw, "from", path)
+    def _clauses(self, clause: _Clause, raw: dict, path: str, l7: list[str]) -> tuple | None:
+        """The rule's ``from`` (or ``to``) list read as ``clause`` says; L7 keys used go into ``l7``."""
+        entries = self._list(raw, clause.list_key, path)
         if entries is None:
             return None
         p = self.problems
+        keys = tuple(f.key for f in clause.fields)
         out = []
         for i, entry in enumerate(entries):
-            where = f"{path}.from[{i}]"
+            where = f"{path}.{clause.list_key}[{i}]"
             if entry is None:
-                p.add(where, "`from` entries must not be null")
+                p.add(where, f"`{clause.list_key}` entries must not be null")
                 continue
-            entry = p.mapping(entry, where, ("source",))
-            if entry is None:
-                continue
-            src = entry.get("source")
-            if src is None:
-                p.add(f"{where}.source", "required")
-                continue
-            src = p.mapping(src, f"{where}.source", _SOURCE_L4 + _SOURCE_L7)
-            if src is None:
-                continue
-            where = f"{where}.source"
-            values = {k: p.strings(src.get(k), f"{where}.{k}") for k in _SOURCE_L4 + _SOURCE_L7}
-            if not any(src.get(k) for k in src):
-                p.add(where, "`source` must not be empty")
-            if (values["serviceAccounts"] or values["notServiceAccounts"]) and (
-                    values["principals"] or values["notPrincipals"] or values["namespaces"]
-                    or values["notNamespaces"]):
-                p.add(where, "cannot set serviceAccounts with namespaces or principals")
-            for k in ("remoteIpBlocks", "notRemoteIpBlocks"):      # validated like Istio, never used
-                _each(values[k], lambda t, n, k=k: _network(t, f"{where}.{k}[{n}]", p))
-            l7.extend(k for k in _SOURCE_L7 if values[k])
-            td = self.trust_domain
-            out.append(Source(
-                principals=_each(values["principals"],
-                                 lambda t, n: _principal(t, f"{where}.principals[{n}]", p, td)),
-                not_principals=_each(values["notPrincipals"],
-                                     lambda t, n: _principal(t, f"{where}.notPrincipals[{n}]", p, td)),
-                namespaces=_each(values["namespaces"],
-                                 lambda t, n: _string_match(t, f"{where}.namespaces[{n}]", p)),
-                not_namespaces=_each(values["notNamespaces"],
-                                     lambda t, n: _string_match(t, f"{where}.notNamespaces[{n}]", p)),
-                service_accounts=_service_accounts(values["serviceAccounts"], f"{where}.serviceAccounts", p,
-                                                   self.namespace),
-                not_service_accounts=_service_accounts(values["notServiceAccounts"],
-                                                       f"{where}.notServiceAccounts", p, self.namespace),
-                ip_blocks=_each(values["ipBlocks"], lambda t, n: _network(t, f"{where}.ipBlocks[{n}]", p)),
-                not_ip_blocks=_each(values["notIpBlocks"],
-                                    lambda t, n: _network(t, f"{where}.notIpBlocks[{n}]", p)),
-            ))
-        return tuple(out)
-
-    def _operations(self, raw: dict, path: str, l7: list[str]) -> tuple[Operation, ...] | None:
-        entries = self._list(raw, "to", path)
-        if entries is None:
-            return None
-        p = self.problems
-        out = []
-        for i, entry in enumerate(entries):
-            where = f"{path}.to[{i}]"
-            if entry is None:
-                p.add(where, "`to` entries must not be null")
-                continue
-            entry = p.mapping(entry, where, ("operation",))
+            entry = p.mapping(entry, where, (clause.entry_key,))
             if entry is None:
                 continue
-            op = entry.get("operation")
-            if op is None:
-                p.add(f"{where}.operation", "required")
+            body = entry.get(clause.entry_key)
+            where = f"{where}.{clause.entry_key}"
+            if body is None:
+                p.add(where, "required")
                 continue
-            op = p.mapping(op, f"{where}.operation", _OPERATION_L4 + _OPERATION_L7)
-            if op is None:
+            body = p.mapping(body, where, keys)
+            if body is None:
                 continue
-            where = f"{where}.operation"
-            values = {k: p.strings(op.get(k), f"{where}.{k}", example='"{}"' if k in _OPERATION_L4 else "")
-                      for k in _OPERATION_L4 + _OPERATION_L7}
-            if not any(op.get(k) for k in op):
-                p.add(where, "`operation` must not be empty")
-            l7.extend(k for k in _OPERATION_L7 if values[k])
-            out.append(Operation(
-                ports=_each(values["ports"], lambda t, n: _port(t, f"{where}.ports[{n}]", p)),
-                not_ports=_each(values["notPorts"], lambda t, n: _port(t, f"{where}.notPorts[{n}]", p)),
-            ))
+            values = {f.key: p.strings(body.get(f.key), f"{where}.{f.key}", f.example) for f in clause.fields}
+            if not any(body.get(k) for k in body):
+                p.add(where, f"`{clause.entry_key}` must not be empty")
+            conflict = clause.conflict(values)
+            if conflict:
+                p.add(where, conflict)
+            for f in clause.fields:
+                if f.attr is None and f.convert is not None:     # validated like Istio, never used
+                    f.convert(self, values[f.key], f"{where}.{f.key}")
+            l7.extend(f.key for f in clause.fields if f.attr is None and values[f.key])
+            out.append(clause.build(**{f.attr: f.convert(self, values[f.key], f"{where}.{f.key}")
+                                       for f in clause.fields if f.attr is not None and f.convert is not None}))
         return tuple(out)
 
     def _conditions(self, raw: dict, path: str, l7: list[str]) -> tuple[Condition, ...]:
@@ -496,7 +543,7 @@ class _PolicyReader:
             if key not in L4_CONDITION_KEYS:
                 if key == "remote.ip":
                     for field_name, vals in (("values", values), ("notValues", not_values)):
-                        _each(vals, lambda t, n, f=field_name: _network(t, f"{where}.{f}[{n}]", p))
+                        _each(vals, lambda t, n, f=field_name, w=where: _network(t, f"{w}.{f}[{n}]", p))
                 l7.append(key)
                 continue
             out.append(Condition(key, self._condition_values(key, values, f"{where}.values"),
@@ -575,10 +622,15 @@ def _check_version(obj: dict, problems: _Problems) -> None:
 
 
 def namespace_and_name(obj: dict) -> tuple[str, str]:
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-    namespace = meta.get("namespace") if isinstance(meta.get("namespace"), str) and meta.get("namespace") \
-        else DEFAULT_NAMESPACE
-    name = meta.get("name") if isinstance(meta.get("name"), str) else "<unnamed>"
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        meta = {}
+    namespace = meta.get("namespace")
+    if not isinstance(namespace, str) or not namespace:
+        namespace = DEFAULT_NAMESPACE
+    name = meta.get("name")
+    if not isinstance(name, str):
+        name = "<unnamed>"
     return namespace, name
 
 
@@ -644,7 +696,9 @@ def parse_peer_authentication(obj: dict, root_namespace: str = "istio-system"
         level = "workload-in-root" if labels else "mesh"
     else:
         level = "workload" if labels or unreadable_selector else "namespace"
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        meta = {}
     created = meta.get("creationTimestamp") if isinstance(meta.get("creationTimestamp"), str) else None
 
     if level == "workload-in-root":

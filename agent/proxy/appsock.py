@@ -128,7 +128,9 @@ class TcpEnd(asyncio.BufferedProtocol):
         self.pipe = pipe
         self.attr = attr
         self.peer: End | None = None
-        self.transport: asyncio.Transport | None = None
+        # Set by connection_made before any End method runs (pause_reading
+        # still tolerates its absence).
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.read_eof = False        # the socket's peer sent FIN
         self.wrote_eof = False       # we sent FIN (half-close)
         self.finished = False
@@ -161,7 +163,7 @@ class TcpEnd(asyncio.BufferedProtocol):
         data = bytes(_scratch_view[:nbytes])
         self.pipe.count(self.attr, nbytes)
         if self.peer is None:
-            self._early.append(data)
+            self._early.append(data)  # type: ignore[union-attr]  # a list until attach() sets peer
             self.pause_reading("unattached")
             return
         self.peer.send(data)

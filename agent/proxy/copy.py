@@ -15,7 +15,8 @@ import asyncio
 import socket
 from dataclasses import dataclass
 
-from agent.proxy.appsock import Pipe, abort, wrap  # noqa: F401  (abort is part of this module's API)
+from agent.proxy.appsock import Pipe, abort, wrap
+from agent.proxy.counters import DirectionCounters
 
 
 @dataclass
@@ -30,7 +31,7 @@ class ByteCounter:
 
 
 async def start_splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
-                       totals: ByteCounter | None = None) -> Pipe:
+                       totals: ByteCounter | DirectionCounters | None = None) -> Pipe:
     """Start copying between two sockets; the returned pipe's ``done`` says how it ended.
 
     ``app`` is the socket facing the pod's application, ``peer`` the other
@@ -55,7 +56,7 @@ async def start_splice(app: socket.socket, peer: socket.socket, counter: ByteCou
 
 
 async def splice(app: socket.socket, peer: socket.socket, counter: ByteCounter,
-                 totals: ByteCounter | None = None) -> str:
+                 totals: ByteCounter | DirectionCounters | None = None) -> str:
     """``start_splice`` and wait: returns "closed" or "reset" (cancelling resets both)."""
     pipe = await start_splice(app, peer, counter, totals)
     try:

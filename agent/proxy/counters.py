@@ -57,7 +57,7 @@ class ConnectionLog:
 
     def __init__(self, size: int = 256) -> None:
         import collections
-        self._records = collections.deque(maxlen=size)
+        self._records: collections.deque[ConnectionRecord] = collections.deque(maxlen=size)
 
     def add(self, record: ConnectionRecord) -> None:
         self._records.append(record)

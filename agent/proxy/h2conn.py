@@ -22,7 +22,8 @@ import collections
 import logging
 import struct
 import sys
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -270,7 +271,7 @@ class H2Stream:
                  "_readable", "_window", "remote_ended", "local_ended", "reset_code", "closed",
                  "peer", "pipe", "attr", "_pending", "_eof_pending", "_pausers", "_held", "_finished")
 
-    def __init__(self, conn: "H2Connection", stream_id: int, client: bool = False) -> None:
+    def __init__(self, conn: H2Connection, stream_id: int, client: bool = False) -> None:
         self.conn = conn
         self.id = stream_id
         self.request_headers: list[tuple[str, str]] = []
@@ -280,7 +281,7 @@ class H2Stream:
             self.response.add_done_callback(_retrieved)
         self.task: asyncio.Task | None = None      # server side: the request's handler
         self.responded = False
-        self._chunks: collections.deque[tuple[bytes, int]] | tuple = _NO_QUEUE   # made when needed
+        self._chunks: collections.deque[tuple[bytes, int]] = _NO_QUEUE   # made when needed
         self._readable: asyncio.Event | None = None    # read()/write() only
         self._window: asyncio.Event | None = None
         self.remote_ended = False
@@ -289,12 +290,12 @@ class H2Stream:
         self.closed = False
         # Pipe mode (attach): the other end, the counter attribute for bytes
         # received here, and what waits for the peer's window.
-        self.peer = None
-        self.pipe = None
+        self.peer: appsock.End | None = None
+        self.pipe: appsock.Pipe | None = None
         self.attr = ""
-        self._pending: collections.deque[memoryview] | tuple = _NO_QUEUE
+        self._pending: collections.deque[memoryview] = _NO_QUEUE
         self._eof_pending = False
-        self._pausers: frozenset[str] | set[str] = _NO_PAUSERS
+        self._pausers: set[str] = _NO_PAUSERS
         self._held = 0               # received bytes not yet acknowledged (paused)
         self._finished = False
 
@@ -337,7 +338,7 @@ class H2Stream:
         rest = self._push(memoryview(data), data)
         if rest:
             self._pending = collections.deque((rest,))
-            self.peer.pause_reading("h2-window")
+            self.peer.pause_reading("h2-window")  # type: ignore[union-attr]  # send() is the attached peer's
 
     def _push(self, view: memoryview, whole: bytes | None = None) -> memoryview:
         """Send as much of ``view`` as the windows allow; returns the rest."""
@@ -426,7 +427,7 @@ class H2Stream:
     def _feed(self, data: bytes, flow_len: int) -> None:
         peer = self.peer
         if peer is None:
-            if data.__class__ is memoryview:
+            if data.__class__ is memoryview:  # type: ignore[comparison-overlap]  # _body_done's, h2 says bytes
                 data = data.tobytes()      # a pooled body buffer: queued chunks keep their own
             if not self._chunks:
                 self._chunks = collections.deque()
@@ -434,7 +435,7 @@ class H2Stream:
             if self._readable is not None:
                 self._readable.set()
             return
-        self.pipe.count(self.attr, len(data))
+        self.pipe.count(self.attr, len(data))  # type: ignore[union-attr]  # attach() sets peer and pipe
         peer.send(data)
         if self._pausers:
             self._held += flow_len
@@ -526,7 +527,7 @@ class H2Stream:
         self._finish(reset=True)
         self.conn._forget(self)
 
-    def respond(self, status: int, headers: list[tuple[str, str]] = (), end: bool = False) -> None:
+    def respond(self, status: int, headers: Sequence[tuple[str, str]] = (), end: bool = False) -> None:
         """Server side: send the response headers."""
         self.conn.h2.send_headers(self.id, [(":status", str(status)), *headers], end_stream=end)
         self.responded = True
@@ -535,9 +536,11 @@ class H2Stream:
         self.conn.flush()
 
 
-_NO_PAUSERS: frozenset[str] = frozenset()
-_NO_QUEUE: tuple = ()          # an empty queue until a stream needs one (most never do)
-_NO_HEADERS: tuple = ()
+# Shared empty stand-ins (typed Any: each stands in for an empty set, deque or
+# list, and is only read, or tested for truth, until replaced by a real one).
+_NO_PAUSERS: Any = frozenset()
+_NO_QUEUE: Any = ()          # an empty queue until a stream needs one (most never do)
+_NO_HEADERS: Any = ()
 
 RequestHandler = Callable[[H2Stream], Awaitable[None]]
 
@@ -608,7 +611,8 @@ class H2Connection(asyncio.BufferedProtocol):
     # -- asyncio.Protocol --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        transport = cast("asyncio.Transport", transport)     # a TLS transport: loop.create_server/connect
+        self.transport = transport
         # Room for a few DATA frames of several streams before every stream's
         # other end is paused (the default 64 KiB is a quarter of one read).
         transport.set_write_buffer_limits(high=TLS_WRITE_HIGH, low=TLS_WRITE_LOW)
@@ -737,9 +741,10 @@ class H2Connection(asyncio.BufferedProtocol):
         return True
 
     def _body_done(self) -> None:
-        body, self._body = self._body, None
+        # Called once the body _take_body started is complete: it is set.
+        body, self._body = cast(memoryview, self._body), None
         frame = DataFrame(self._body_stream)
-        frame.data = body
+        frame.data = body  # type: ignore[assignment]  # hyperframe takes any buffer
         frame.body_len = len(body)
         if self._body_flags & _END_STREAM:
             frame.flags.add("END_STREAM")
@@ -808,7 +813,8 @@ class H2Connection(asyncio.BufferedProtocol):
             stream._feed(event.data, event.flow_controlled_length)
         elif isinstance(event, h2.events.RequestReceived):
             stream = H2Stream(self, event.stream_id)
-            stream.request_headers = list(event.headers)
+            # header_encoding="utf-8": h2 hands over str pairs, which its types cannot say.
+            stream.request_headers = list(cast("list[tuple[str, str]]", event.headers))
             self.streams[event.stream_id] = stream
             self.streams_idle_since = None
             if event.stream_ended:
@@ -871,16 +877,15 @@ class H2Connection(asyncio.BufferedProtocol):
             fut = self._pings.pop(event.ping_data, None)
             if fut and not fut.done():
                 fut.set_result(True)
-        elif isinstance(event, h2.events.PingReceived):
-            if not self._budgets["PING"].spend(self.last_activity):
-                self._calm("PING")
-        if isinstance(event, h2.events.RemoteSettingsChanged):
-            if not self._budgets["SETTINGS"].spend(self.last_activity):
-                self._calm("SETTINGS")
+        elif isinstance(event, h2.events.PingReceived) and not self._budgets["PING"].spend(self.last_activity):
+            self._calm("PING")
+        if (isinstance(event, h2.events.RemoteSettingsChanged)
+                and not self._budgets["SETTINGS"].spend(self.last_activity)):
+            self._calm("SETTINGS")
 
     async def _serve(self, stream: H2Stream) -> None:
         try:
-            await self.on_request(stream)
+            await self.on_request(stream)  # type: ignore[misc]  # _dispatch serves only with on_request set
         except asyncio.CancelledError:
             stream.reset(h2.errors.ErrorCodes.CANCEL)
         except Exception as exc:
@@ -1038,7 +1043,7 @@ class H2Connection(asyncio.BufferedProtocol):
         self.flush()
         self.last_activity = self._loop.time()
         try:
-            response = await stream.response
+            response = await stream.response  # type: ignore[misc]  # client=True: set in __init__
             stream.response = None     # answered: an open tunnel need not keep the headers
         except BaseException:
             # Timed out or cancelled (or reset): the stream must not keep
@@ -1056,7 +1061,7 @@ class H2Connection(asyncio.BufferedProtocol):
             self.h2.ping(data)
             self.flush()
             return await asyncio.wait_for(fut, timeout)
-        except (asyncio.TimeoutError, h2.exceptions.H2Error):
+        except (TimeoutError, h2.exceptions.H2Error):
             return False
         finally:
             self._pings.pop(data, None)

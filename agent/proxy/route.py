@@ -15,13 +15,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from agent.enrol.rule import DEFAULT_NAMESPACE, decide
-from agent.state.model import ClusterState, pod_ips
-
-# The label the EndpointSlice controller (and any other manager) puts on a
-# slice to say which Service it belongs to.
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-_DISCOVERY_GROUP = "discovery.k8s.io"
+from agent.enrol.rule import decide
+from agent.state.model import ClusterState, Pod, Service
 
 
 @dataclass(frozen=True)
@@ -29,47 +24,33 @@ class Route:
     kind: str               # "hbone", "passthrough" or "no-endpoint"
     ip: str                 # the address to reach (endpoint or original)
     port: int               # the port the application is reached on
-    identity: str = ""      # expected SPIFFE identity of the destination (hbone)
-    pod: dict | None = None
+    # The destination's SPIFFE ID (``Pod.identity_uri``; hbone): the URI the
+    # data path compares with the server certificate's SAN.
+    identity: str = ""
+    pod: Pod | None = None
     service: str = ""       # namespace/name when reached through a Service
     reason: str = ""
 
 
-def spiffe_id(pod: dict, trust_domain: str) -> str:
-    meta = pod.get("metadata") or {}
-    spec = pod.get("spec") or {}
-    return (f"spiffe://{trust_domain}/ns/{meta.get('namespace') or 'default'}"
-            f"/sa/{spec.get('serviceAccountName') or spec.get('serviceAccount') or 'default'}")
+def is_meshed(state: ClusterState, pod: Pod) -> bool:
+    # The enrolment rule reads wire objects (the CNI plugin shares it).
+    return decide(pod.raw, state.namespace(pod.namespace)).enrolled
 
 
-def is_meshed(state: ClusterState, pod: dict) -> bool:
-    ns = (pod.get("metadata") or {}).get("namespace") or "default"
-    return decide(pod, state.namespace(ns)).enrolled
-
-
-def _pod_route(state: ClusterState, pod: dict, ip: str, port: int, trust_domain: str,
+def _pod_route(state: ClusterState, pod: Pod, ip: str, port: int, trust_domain: str,
                service: str = "") -> Route:
     if is_meshed(state, pod):
-        return Route("hbone", ip, port, spiffe_id(pod, trust_domain), pod, service)
+        return Route("hbone", ip, port, pod.identity_uri(trust_domain), pod, service)
     return Route("passthrough", ip, port, "", pod, service, "destination is not in the mesh")
 
 
-def _target_port(svc_port: dict, pod: dict) -> int | None:
+def _target_port(svc_port: dict, pod: Pod) -> int | None:
     target = svc_port.get("targetPort", svc_port.get("port"))
     if isinstance(target, int):
         return target
     if isinstance(target, str) and target.isdigit():
         return int(target)
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        for p in container.get("ports") or []:
-            if p.get("name") == target and isinstance(p.get("containerPort"), int):
-                return p["containerPort"]
-    return None
-
-
-def _ready(pod: dict) -> bool:
-    status = pod.get("status") or {}
-    return status.get("phase") == "Running" and bool(pod_ips(pod))
+    return pod.container_port(target)
 
 
 def _is_tcp(port: dict) -> bool:
@@ -101,18 +82,6 @@ def _mapping(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _service_slices(state: ClusterState, ns: str, name: str) -> list[dict]:
-    """The EndpointSlices of Service ``ns/name``: same namespace, service-name label."""
-    slices = []
-    for s in state.objects_of_kind("EndpointSlice", _DISCOVERY_GROUP):
-        meta = s["metadata"]
-        # An omitted namespace means "default", as for the Service itself.
-        if ((meta.get("namespace") or DEFAULT_NAMESPACE) == ns
-                and _mapping(meta.get("labels")).get(SERVICE_NAME_LABEL) == name):
-            slices.append(s)
-    return slices
-
-
 def _slice_port(eps: dict, svc_port: dict) -> int | None:
     """The endpoint port that serves ``svc_port`` in this slice, if any.
 
@@ -141,7 +110,7 @@ def _endpoint_ready(endpoint: dict) -> bool:
     return _mapping(endpoint.get("conditions")).get("ready") is not False
 
 
-def _endpoint_pod(state: ClusterState, endpoint: dict, address: str, ns: str) -> dict | None:
+def _endpoint_pod(state: ClusterState, endpoint: dict, address: str, ns: str) -> Pod | None:
     """The pod behind an endpoint address: its targetRef, else whoever owns the address.
 
     The pod decides HBONE or plain TCP, and which identity to expect. A
@@ -152,10 +121,10 @@ def _endpoint_pod(state: ClusterState, endpoint: dict, address: str, ns: str) ->
     """
     ref = _mapping(endpoint.get("targetRef"))
     if ref.get("kind") == "Pod" and isinstance(ref.get("name"), str):
-        pod = state.pod(ref.get("namespace") or ns, ref["name"])
-        if pod is not None and address in pod_ips(pod):
+        pod = state.pod_view(ref.get("namespace") or ns, ref["name"])
+        if pod is not None and address in pod.ips:
             return pod
-    return state.pod_by_ip(address)
+    return state.pod_view_by_ip(address)
 
 
 def _slice_route(state: ClusterState, ns: str, slices: list[dict], ip: str, svc_port: dict,
@@ -202,16 +171,10 @@ def _slice_route(state: ClusterState, ns: str, slices: list[dict], ip: str, svc_
 
 # -- endpoints from the selector ------------------------------------------------
 
-def _selector_route(state: ClusterState, ns: str, spec: dict, ip: str, svc_port: dict,
+def _selector_route(state: ClusterState, svc: Service, ip: str, svc_port: dict,
                     trust_domain: str, salt: int, service: str) -> Route:
     port = svc_port["port"]
-    selector = spec.get("selector") or {}
-    candidates = []
-    if selector:
-        for (pns, _), p in sorted(state.pods.items()):
-            labels = (p.get("metadata") or {}).get("labels") or {}
-            if pns == ns and _ready(p) and all(labels.get(k) == v for k, v in selector.items()):
-                candidates.append(p)
+    candidates = state.ready_pods_selected_by(svc)
     if not candidates:
         return Route("no-endpoint", ip, port, service=service,
                      reason=f"service {service} has no ready endpoint")
@@ -221,32 +184,29 @@ def _selector_route(state: ClusterState, ns: str, spec: dict, ip: str, svc_port:
         return Route("no-endpoint", ip, port, service=service,
                      reason=f"service {service}: target port {svc_port.get('targetPort')!r} not found")
     family_v6 = ":" in ip
-    addr = next((a for a in pod_ips(chosen) if (":" in a) == family_v6), pod_ips(chosen)[0])
+    addr = next((a for a in chosen.ips if (":" in a) == family_v6), chosen.ips[0])
     return _pod_route(state, chosen, addr, target, trust_domain, service)
 
 
 def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: int = 0) -> Route:
-    pod = state.pod_by_ip(ip)
-    if pod is not None and not (pod.get("spec") or {}).get("hostNetwork"):
+    pod = state.pod_view_by_ip(ip)      # never a hostNetwork pod: they share the node's address
+    if pod is not None:
         return _pod_route(state, pod, ip, port, trust_domain)
-    for (ns, name), svc in state.services.items():
-        spec = svc.get("spec") or {}
-        vips = [spec.get("clusterIP")] + list(spec.get("clusterIPs") or [])
-        if ip not in vips:
-            continue
+    svc = state.service_view_by_ip(ip)
+    if svc is not None:
+        ns, name = svc.key
         service = f"{ns}/{name}"
         # The connection is TCP: a UDP port with the same number (DNS's 53)
         # is another service port, served by other endpoint ports.
-        svc_port = next((p for p in spec.get("ports") or []
-                         if p.get("port") == port and _is_tcp(p)), None)
+        svc_port = svc.tcp_port(port)
         if svc_port is None:
             return Route("no-endpoint", ip, port, service=service,
                          reason=f"service {service} has no TCP port {port}")
         # Like kube-proxy: once a Service has slices they are the whole
         # truth (they also cover selector-less Services and endpoints that
         # are not pods); the selector is the fallback for states without.
-        slices = _service_slices(state, ns, name)
+        slices = state.endpoint_slices_of(ns, name)
         if slices:
             return _slice_route(state, ns, slices, ip, svc_port, trust_domain, salt, service)
-        return _selector_route(state, ns, spec, ip, svc_port, trust_domain, salt, service)
+        return _selector_route(state, svc, ip, svc_port, trust_domain, salt, service)
     return Route("passthrough", ip, port, reason="destination outside the cluster")

@@ -23,7 +23,6 @@ import ssl
 import tempfile
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 ALPN = ["h2"]
 AES_GCM_SUITES = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
@@ -85,7 +84,7 @@ def make_context(server_side: bool, chain_pem: bytes, key_pem: bytes, bundle_pem
 def uri_sans(der: bytes) -> list[str]:
     cert = x509.load_der_x509_certificate(der)
     try:
-        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))

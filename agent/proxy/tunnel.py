@@ -12,8 +12,8 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import h2.errors
 
@@ -161,7 +161,7 @@ class HbonePool:
                 try:
                     await asyncio.wait_for(asyncio.shield(conn.done), tick)
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 idle_for = loop.time() - conn.last_activity
                 if not conn.streams and idle_for >= self.idle_timeout:

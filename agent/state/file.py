@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
+from agent.fileio import FileWatch, Stamp, path_stamp, stamp_of
 from agent.state.model import ClusterState, StateError, load_state_text
 
 log = logging.getLogger(__name__)
-
-# (st_ino, st_size, st_mtime_ns) of one version of the file; None: no file.
-Stamp = tuple[int, int, int]
 
 
 def parse_state_url(url: str) -> str:
@@ -45,10 +43,6 @@ def parse_state_url(url: str) -> str:
                      "or kube:KUBECONFIG")
 
 
-def _stamp(st: os.stat_result) -> Stamp:
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class _UnreadableVersion(StateError):
     """A StateError that remembers which version of the file failed."""
 
@@ -68,9 +62,7 @@ class FileStateSource:
 
     def _current_stamp(self) -> Stamp | None:
         try:
-            return _stamp(os.stat(self.path))
-        except FileNotFoundError:
-            return None
+            return path_stamp(self.path)
         except OSError as exc:
             raise _UnreadableVersion(f"stat {self.path}: {exc.strerror}", None) from None
 
@@ -88,7 +80,7 @@ class FileStateSource:
             with open(self.path, "rb") as fh:
                 # The stamp of the version actually read, not of a path lookup
                 # that a concurrent rename could have overtaken.
-                stamp = _stamp(os.fstat(fh.fileno()))
+                stamp = stamp_of(os.fstat(fh.fileno()))
                 if self._cached is not None and self._cached[0] == stamp:
                     return self._cached
                 data = fh.read()
@@ -125,28 +117,28 @@ class FileStateSource:
         State files are small and parsed inline: JSON parsing holds the GIL,
         so a thread would not keep the event loop any more responsive.
         """
-        reported = self._cached[0] if self._cached is not None else None
-        # The version whose failure was logged (its stamp, or the message when
-        # not even its stamp could be had), so each failure is logged once.
-        failed: Stamp | str | None = None
+        # The version last reported, and the one whose failure was logged
+        # (its stamp, or the message when not even its stamp could be had),
+        # so each failure is logged once.
+        versions = FileWatch(self.path)
+        versions.handled(self._cached[0] if self._cached is not None else None)
         missing_logged = False
         while True:
             state = None
             try:
                 stamp = self._current_stamp()
                 if stamp is None:
-                    if reported is not None and not missing_logged:
+                    if versions.seen is not None and not missing_logged:
                         log.warning("cluster state %s vanished; keeping the previous state", self.path)
                         missing_logged = True
-                elif stamp != reported and stamp != failed:
+                elif versions.is_new(stamp):
                     read_stamp, state = self._load()
             except _UnreadableVersion as exc:
-                key = exc.stamp if exc.stamp is not None else str(exc)
-                if key != failed:
+                if versions.failed(exc.stamp if exc.stamp is not None else str(exc)):
                     log.error("cluster state unreadable, keeping the previous one: %s", exc)
-                failed = key
             if state is not None:
-                reported, failed, missing_logged = read_stamp, None, False
+                versions.handled(read_stamp)
+                missing_logged = False
                 try:
                     on_change(state)
                 except Exception:   # a consumer's bug must not stop the watch

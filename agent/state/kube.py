@@ -65,8 +65,9 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, cast
 
 from agent.kubeclient import KubeConfigError, load_configuration
 from agent.state.model import ClusterState, StateError
@@ -384,7 +385,8 @@ class KubeStateSource:
             resp = client.CoreV1Api(self.api_client).patch_namespaced_pod(
                 name, namespace, body, _content_type="application/merge-patch+json",
                 _preload_content=False, _request_timeout=(self.connect_timeout, self.request_timeout))
-            return json.loads(resp.data)
+            # _preload_content=False: the raw urllib3 response, not the V1Pod the types promise.
+            return json.loads(cast(Any, resp).data)
         except Exception as exc:
             raise KubeError(f"annotate pod {namespace}/{name} via {self.description}: "
                             f"{_describe(exc)}") from None
@@ -491,7 +493,7 @@ class KubeStateSource:
 
     def _list(self, kind: WatchedKind) -> tuple[str, str]:
         """List (every page) and replace the store; returns (API version used, resourceVersion)."""
-        for i, version in enumerate(kind.versions):
+        for version in kind.versions:
             try:
                 items, rv = self._list_version(kind, version)
             except Exception as exc:
@@ -664,7 +666,9 @@ def _compact_page(page: list, kind: str, api_version: str) -> list[dict]:
 def _key(obj: dict) -> tuple[str, str]:
     # A malformed object is stored too: ClusterState.from_items skips it
     # and says why, which beats failing the whole kind.
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        meta = {}
     return (meta.get("namespace") or "", meta.get("name") or "")
 
 

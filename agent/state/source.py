@@ -21,7 +21,7 @@ STATE_URL_HELP = ("cluster state source: file:PATH (a state file), kube (the Kub
 
 def parse_source_url(url: str) -> tuple[str, str | None]:
     """("file", PATH) or ("kube", KUBECONFIG or None); ``StateError`` for anything else."""
-    scheme, sep, rest = url.partition(":")
+    scheme, _sep, rest = url.partition(":")
     if scheme == "kube":
         if rest.startswith("//"):
             raise StateError(f"state source {url!r}: write kube:/path/to/kubeconfig (a path, not a URL)")
@@ -39,6 +39,7 @@ def open_state_source(url: str, *, kubeconfig: str | None = None, **kube_options
     """
     scheme, where = parse_source_url(url)
     if scheme == "file":
+        assert where is not None, "parse_source_url: a file source always has a path"
         return FileStateSource(where)
     from agent.state.kube import KubeStateSource
     return KubeStateSource(where or kubeconfig, **kube_options)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import sysops
+from lab import sysops
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("0_loadgen_ceiling", "1_bulk", "2_request_response", "3_new_connections", "4_agent_cost",

@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 
 from agent.netns import NetnsSwitcher
+from tests.builders import (AMBIENT, MESH_CLIENT, MESH_NAMESPACE, allow_from, manifest, namespace, pod,
+                            strict_mtls)
 from tests.hostile.h2peer import RawH2, client_context
 from tests.interop.certs import CertFiles, TestPKI
 from tests.lab.conftest import connect, running_lab, wait_for
@@ -44,50 +46,15 @@ SUITE_RSS_GROWTH_KB = 32 * 1024
 CLIENT_ID = "spiffe://cluster.local/ns/mesh/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/mesh/sa/server"
 
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: open, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: client}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: mesh, labels: {app: server}}
-spec: {nodeName: node2, serviceAccountName: server}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: open}
-spec: {nodeName: node2, serviceAccountName: web}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: default}
-spec: {nodeName: node1}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: mesh}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: server-allow-client, namespace: mesh}
-spec:
-  selector: {matchLabels: {app: server}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/mesh/sa/client"]}}]
-    to: [{operation: {ports: ["7080"]}}]
-"""
+MANIFEST = manifest(
+    MESH_NAMESPACE, namespace("open", AMBIENT), MESH_CLIENT,
+    pod("server", "mesh", node="node2", sa="server", labels={"app": "server"}),
+    pod("web", "open", node="node2", sa="web"),
+    pod("outsider", "default", node="node1"),
+    strict_mtls("mesh"),
+    allow_from("server-allow-client", "mesh", app="server", principal="cluster.local/ns/mesh/sa/client",
+               port="7080"),
+)
 
 
 # -- the attacked agent, seen from /proc -------------------------------------------------

@@ -22,10 +22,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
+from agent.ca.server import CaConfig, CaServer
 from agent.identity import pki
-from agent.identity.ca import CaConfig, CaServer
 from agent.identity.client import CaClient
 from agent.identity.proto import ca_pb2, ca_pb2_grpc
+from tests import builders
 
 TOKENS = {"token-node-a": "node-a", "token-node-b": "node-b"}
 API_URI = "spiffe://cluster.local/ns/backend/sa/api"       # a pod on node-a
@@ -33,12 +34,8 @@ WEB_URI = "spiffe://cluster.local/ns/frontend/sa/web"      # a pod on node-b
 
 
 def pod(name: str, ns: str, node: str, sa: str | None = None) -> dict:
-    spec = {"nodeName": node, "containers": [{"name": "app", "image": "app"}]}
-    if sa:
-        spec["serviceAccountName"] = sa
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "uid": f"uid-{ns}-{name}"},
-            "spec": spec, "status": {"phase": "Running"}}
+    return builders.pod(name, ns, uid=f"uid-{ns}-{name}", node=node, sa=sa or None, phase="Running",
+                        containers=[{"name": "app", "image": "app"}])
 
 
 PODS = [pod("api-0", "backend", "node-a", "api"), pod("web-0", "frontend", "node-b", "web")]

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def ca_command(env, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "agent.identity.cli", "ca", "--ca-dir", env.ca_dir,
+    return [sys.executable, "-m", "agent.ca.cli", "ca", "--ca-dir", env.ca_dir,
             "--tokens", env.tokens, "--state", f"file:{env.state}", *extra]
 
 

@@ -12,9 +12,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.protobuf import struct_pb2
 
+from agent.ca.material import CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT
 from agent.identity import pki
 from agent.identity.client import CaClient, CaError, StatusCode
-from agent.identity.material import CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT
 from agent.identity.proto import ca_pb2
 
 from .conftest import (API_URI, PODS, WEB_URI, client_for, make_ca_cert, new_csr, pod, raw_call,
@@ -132,7 +132,7 @@ def test_refusals_have_exact_status_and_are_logged_once(env, caplog):
                     outcomes.append((name, exc.code(), exc.details(), logged))
         return outcomes
 
-    with caplog.at_level(logging.INFO, logger="agent.identity"):
+    with caplog.at_level(logging.INFO, logger="agent.ca"):
         outcomes = run(scenario())
     for (name, _, _, code, fragment), (_, got_code, details, logged) in zip(REFUSALS, outcomes):
         assert got_code == code, f"{name}: {got_code} {details}"

@@ -10,9 +10,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.ca.material import (CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, DirectorySigningSource,
+                               MaterialError)
 from agent.identity import pki
-from agent.identity.material import (CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, DirectorySigningSource,
-                                     MaterialError)
 
 from .conftest import make_ca_cert
 

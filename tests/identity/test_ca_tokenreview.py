@@ -2,7 +2,7 @@
 
 Real parts throughout: the CA serves gRPC over TLS on loopback, its
 authenticator uses the official `kubernetes` client, which talks HTTP to
-the test-only API server in tests/kubeapi (TokenReview with the real
+the stand-in API server in lab/kubeapi (TokenReview with the real
 audience semantics, pod GETs). The cluster state the CA authorises against
 comes from the same API server (`--state kube`, list and watch).
 """
@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from agent.ca.kubeauth import TokenReviewAuthenticator
 from agent.identity import pki
 from agent.identity.client import CaError, StatusCode
-from agent.identity.kubeauth import TokenReviewAuthenticator
-from tests.kubeapi import objects
-from tests.kubeapi.server import KubeApiServer
+from lab.kubeapi import objects
+from lab.kubeapi.server import KubeApiServer
 
 from .conftest import client_for, free_port, new_csr, running_ca, verify_chain
 
@@ -197,7 +197,7 @@ def test_each_refusal_has_its_status_and_reason(env, cluster, caplog):
                         outcomes.append((name, exc.code, exc.message, logged))
         return outcomes
 
-    with caplog.at_level(logging.INFO, logger="agent.identity"):
+    with caplog.at_level(logging.INFO, logger="agent.ca"):
         outcomes = run(scenario())
     for (name, token, _, _, code, fragment), (_, got, message, logged) in zip(cases, outcomes):
         assert got == code, f"{name}: {got} {message}"
@@ -246,7 +246,7 @@ def test_api_server_trouble_is_unavailable_not_unauthenticated(env, cluster, cap
             assert "Kubernetes API unreachable" in err.value.message
             return time.monotonic() - started
 
-    with caplog.at_level(logging.INFO, logger="agent.identity"):
+    with caplog.at_level(logging.INFO, logger="agent.ca"):
         down_seconds = run(scenario())
     assert down_seconds < 10            # refused connections fail fast (the client retries 3 times)
     text = caplog.text
@@ -282,7 +282,7 @@ def test_concurrent_requests_share_one_review_and_the_cache_expires(env, cluster
     token = cluster.pod_token("agent-a-cache", AGENT_NS, AGENT_SA, "agent-a", with_node=True)
 
     async def scenario():
-        from agent.identity.kubeauth import ReviewCache, api_client
+        from agent.ca.kubeauth import ReviewCache, api_client
         authenticator = TokenReviewAuthenticator(api_client(cluster.kubeconfig), "istio-ca",
                                                  cache=ReviewCache(ttl=0.3))
         try:

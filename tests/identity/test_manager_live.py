@@ -118,7 +118,7 @@ def test_ca_unreachable_at_start(env):
     async def scenario():
         config = env.config(listen=f"127.0.0.1:{free_port()}")
         # The root must be known before the CA runs: create the material first.
-        from agent.identity.material import DirectorySigningSource
+        from agent.ca.material import DirectorySigningSource
         root_pem = DirectorySigningSource(config.ca_dir).load().roots_pem()
         client = CaClient(config.listen, root_pem, lambda: "token-node-a", timeout=2)
         manager = CertificateManager(client, "cluster.local", ttl_seconds=60)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.lab import Lab
+from lab.lab import Lab
 
 PEER = str(Path(__file__).with_name("peer.py"))
 

@@ -3,7 +3,7 @@
 The lab is the kubelet and container runtime; it writes what a real cluster
 would hold (Pods with their status, Namespaces, Services, ...) to its state
 file. ``KubeMirror`` plays the part of the API server's writers: it copies
-every change of that file into a ``tests.kubeapi.server.KubeApiServer``, so
+every change of that file into a ``lab.kubeapi.server.KubeApiServer``, so
 agents run with ``--state kube:KUBECONFIG`` see the same cluster through
 list/watch. Changes made directly in the API (a ``kubectl label``, the
 agent's annotation patches) are kept: only objects the lab changed are
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 
-from tests.kubeapi.server import KubeApiServer
+from lab.kubeapi.server import KubeApiServer
 
 
 def _key(obj: dict) -> tuple[str, str, str, str]:

@@ -13,50 +13,17 @@ import subprocess
 
 import pytest
 
-from agent.lab.lab import Lab
+from lab.lab import Lab
+from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest, namespace, pod
 from tests.lab.conftest import running_lab, settle, agent_pod, connect, counters, unique_name, wait_for
 
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: mesh
-  labels: {istio.io/dataplane-mode: ambient}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: client}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: mesh}
-spec: {nodeName: node2, serviceAccountName: server}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: neighbour, namespace: mesh}
-spec: {nodeName: node1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: optout, namespace: mesh, labels: {istio.io/dataplane-mode: none}}
-spec: {nodeName: node1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: plain}
-spec: {nodeName: node1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: plain}
-spec: {nodeName: node2}
-"""
+MANIFEST = manifest(
+    MESH_NAMESPACE, namespace("plain"), MESH_CLIENT, MESH_SERVER,
+    pod("neighbour", "mesh", node="node1"),
+    pod("optout", "mesh", node="node1", labels={"istio.io/dataplane-mode": "none"}),
+    pod("client", "plain", node="node1"),
+    pod("server", "plain", node="node2"),
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from agent.capture import datapath
 from agent.capture.datapath import (BPFFS, CGROUP_PROGRAMS, MAPS, SK_LOOKUP_PIN, CaptureDatapath,
                                     teardown)
-from agent.lab import sysops
+from lab import sysops
 from tests.lab.conftest import unique_name
 
 PROGRAMS = [name for name, *_ in CGROUP_PROGRAMS]

@@ -28,44 +28,18 @@ import uuid
 
 import pytest
 
-from agent.lab import sysops
-from agent.lab.lab import Lab
+from lab import sysops
+from lab.lab import Lab
+from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest, namespace, pod, strict_mtls
 from tests.lab.conftest import PEER, agent_pod, connect, counters, settle, unique_name, wait_for
 
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: client}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: mover, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: mover}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: mesh}
-spec: {nodeName: node2, serviceAccountName: server}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: plain}
-spec: {nodeName: node1}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: mesh}
-spec: {mtls: {mode: STRICT}}
-"""
+MANIFEST = manifest(
+    MESH_NAMESPACE, namespace("plain"), MESH_CLIENT,
+    pod("mover", "mesh", node="node1", sa="mover"),
+    MESH_SERVER,
+    pod("outsider", "plain", node="node1"),
+    strict_mtls("mesh"),
+)
 
 NODE = {"mesh/client": "node1", "mesh/mover": "node1", "mesh/server": "node2", "plain/outsider": "node1"}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def test_demo_shows_mtls_no_plaintext_a_denial_metrics_and_fail_closed():
-    done = subprocess.run([sys.executable, "-m", "agent.lab.demo"], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-m", "lab.demo"], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[2])
     out = done.stdout
     assert done.returncode == 0, out + done.stderr

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from agent.lab.lab import Lab
-from agent.lab import sysops
+from lab.lab import Lab
+from lab import sysops
 from tests.lab.conftest import agent_pod, connect, unique_name
 
 NAMESPACES = """

@@ -18,47 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.lab import Lab
+from lab.lab import Lab
+from tests.builders import MESH_CLIENT, MESH_NAMESPACE, manifest, pod, service
 from tests.interop.certs import CertFiles
 from tests.interop.peers import nghttpx_hbone_server, node_hbone_client, node_hbone_server
 from tests.lab.conftest import running_lab, settle, agent_pod, connect, counters, unique_name, wait_for
 
 HERE = Path(__file__).parent
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: client}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: mesh, labels: {app: server}}
-spec:
-  nodeName: node2
-  serviceAccountName: server
-  containers: [{name: s, ports: [{name: web, containerPort: 7080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: server, namespace: mesh}
-spec:
-  selector: {app: server}
-  ports: [{port: 80, targetPort: web}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: default}
-spec: {nodeName: node1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: peer, namespace: default}
-spec: {nodeName: node2}
-"""
+MANIFEST = manifest(
+    MESH_NAMESPACE, MESH_CLIENT,
+    pod("server", "mesh", node="node2", sa="server", labels={"app": "server"},
+        containers=[{"name": "s", "ports": [{"name": "web", "containerPort": 7080}]}]),
+    service("server", "mesh", selector={"app": "server"}, ports=[{"port": 80, "targetPort": "web"}]),
+    pod("outsider", "default", node="node1"),
+    pod("peer", "default", node="node2"),
+)
 
 CLIENT_ID = "spiffe://cluster.local/ns/mesh/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/mesh/sa/server"

@@ -1,5 +1,5 @@
 """The node agents on the Kubernetes API: real pods, real eBPF, HBONE, and a
-stand-in API server (tests/kubeapi) speaking the real list/watch protocol to
+stand-in API server (lab/kubeapi) speaking the real list/watch protocol to
 the official client in the agents (``--state kube:KUBECONFIG``).
 
 The lab plays kubelet and container runtime and its state file is copied
@@ -19,10 +19,10 @@ import sys
 
 import pytest
 
-from agent.lab import model, sysops
-from agent.lab.lab import Lab
+from lab import model, sysops
+from lab.lab import Lab
 from agent.netns import NetnsSwitcher, open_netns
-from tests.kubeapi.server import KubeApiServer
+from lab.kubeapi.server import KubeApiServer
 from tests.lab.conftest import agent_pod, connect, counters, unique_name, wait_for
 from tests.lab.kube_mirror import KubeMirror
 from tests.lab.test_observe import fetch

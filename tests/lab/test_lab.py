@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from agent.lab import Lab, ManifestError, model, sysops
-from agent.lab import lab as lab_module
+from lab import Lab, ManifestError, model, sysops
+from lab import lab as lab_module
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -490,7 +490,7 @@ def test_down_removes_everything(make_lab):
 CRASHER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from agent.lab import Lab
+from lab import Lab
 lab = Lab({name!r}, start_agents=False, ambient_cni=False, pod_timeout=600,
           cni_bin={cni_bin!r}, cni_plugins=[{plugin!r}])
 lab.up({good!r})

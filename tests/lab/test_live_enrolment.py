@@ -18,30 +18,11 @@ import sys
 import pytest
 
 from agent.capture import bpfsys
-from agent.lab.lab import Lab
+from lab.lab import Lab
+from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest, namespace
 from tests.lab.conftest import agent_pod, connect, counters, settle, unique_name, wait_for
 
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: mesh
-  labels: {istio.io/dataplane-mode: ambient}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: plain}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: client}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: mesh}
-spec: {nodeName: node2, serviceAccountName: server}
-"""
+MANIFEST = manifest(MESH_NAMESPACE, namespace("plain"), MESH_CLIENT, MESH_SERVER)
 
 LATE = """
 apiVersion: v1

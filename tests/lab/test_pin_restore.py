@@ -10,24 +10,11 @@ import subprocess
 
 import pytest
 
-from agent.lab.lab import Lab
+from lab.lab import Lab
+from tests.builders import MESH_CLIENT, MESH_NAMESPACE, manifest, pod
 from tests.lab.conftest import connect, settle, unique_name, wait_for
 
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: client}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: server}
-"""
+MANIFEST = manifest(MESH_NAMESPACE, MESH_CLIENT, pod("server", "mesh", node="node1", sa="server"))
 DELETED = ("pod_config", "inbound_config", "listeners", "prog_sk_lookup")
 
 

@@ -8,54 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab.lab import Lab
+from lab.lab import Lab
+from tests.builders import AMBIENT, allow_from, manifest, namespace, pod, strict_mtls
 from tests.lab.conftest import running_lab, settle, agent_pod, connect, unique_name, wait_for
 
 HERE = Path(__file__).parent
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: frontend, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: backend, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: website, namespace: frontend}
-spec: {nodeName: node1, serviceAccountName: website}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: intruder, namespace: frontend}
-spec: {nodeName: node1, serviceAccountName: other}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: legacy, namespace: default}
-spec: {nodeName: node1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: backend, labels: {app: api}}
-spec: {nodeName: node2, serviceAccountName: api}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: api-allow-website, namespace: backend}
-spec:
-  selector: {matchLabels: {app: api}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/frontend/sa/website"]}}]
-    to: [{operation: {ports: ["8080"]}}]
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: backend}
-spec: {mtls: {mode: STRICT}}
-"""
+MANIFEST = manifest(
+    namespace("frontend", AMBIENT), namespace("backend", AMBIENT),
+    pod("website", "frontend", node="node1", sa="website"),
+    pod("intruder", "frontend", node="node1", sa="other"),
+    pod("legacy", "default", node="node1"),
+    pod("api", "backend", node="node2", sa="api", labels={"app": "api"}),
+    allow_from("api-allow-website", "backend", app="api", principal="cluster.local/ns/frontend/sa/website",
+               port="8080"),
+    strict_mtls("backend"),
+)
 
 DENY_WEBSITE = """
 apiVersion: security.istio.io/v1

@@ -23,32 +23,14 @@ import time
 import pytest
 
 from agent.capture import inpod
-from agent.lab.lab import Lab
+from lab.lab import Lab
 from agent.netns import NetnsSwitcher
+from tests.builders import MESH, manifest, pod
 from tests.lab.conftest import PEER, agent_pod, settle, unique_name, wait_for
 
 DRAIN = 8.0          # --drain-seconds of every agent in this lab
 
-MANIFEST = """
-apiVersion: v1
-kind: Namespace
-metadata: {name: mesh, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: mesh}
-spec: {nodeName: node1, serviceAccountName: client}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: mesh}
-spec: {nodeName: node2, serviceAccountName: server}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: default}
-spec: {nodeName: node1}
-"""
+MANIFEST = manifest(*MESH, pod("outsider", "default", node="node1"))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from bench.cni_fixtures import FLANNEL
 from cni.config import parse_config
 from cni.install import (PLUGIN_TYPE, Restore, api_server_url, decode_records, encode_records,
                          is_candidate, kubeconfig, pick_primary, plan_install, plan_uninstall,
@@ -19,9 +20,6 @@ def dumps(obj, indent=None) -> bytes:
     return json.dumps(obj, indent=indent).encode()
 
 
-FLANNEL = dumps({"name": "cbr0", "cniVersion": "0.3.1", "plugins": [
-    {"type": "flannel", "delegate": {"hairpinMode": True, "isDefaultGateway": True}},
-    {"type": "portmap", "capabilities": {"portMappings": True}}]}, indent=2)
 CALICO = dumps({"name": "k8s-pod-network", "cniVersion": "0.3.1", "plugins": [
     {"type": "calico", "log_level": "info", "datastore_type": "kubernetes", "nodename": "node1",
      "mtu": 0, "ipam": {"type": "calico-ipam"}, "policy": {"type": "k8s"},

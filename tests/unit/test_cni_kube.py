@@ -1,6 +1,6 @@
 """ambient-cni with ``"state": "kube"``: the installed plugin as a child
 process reading the pod and its namespace over real HTTP(S) from the
-test-only API server (tests/kubeapi), and a stand-in node agent."""
+test-only API server (lab/kubeapi), and a stand-in node agent."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from tests.kubeapi import objects
-from tests.kubeapi.server import KubeApiServer
+from lab.kubeapi import objects
+from lab.kubeapi.server import KubeApiServer
 from tests.unit.test_cni_plugin import AMBIENT, PREV_100, Lab
 
 UID = "0d7c1f0a-5b7e-4c39-9a57-3c1b2c6e1f00"

@@ -1,12 +1,12 @@
-"""agent.lab.cnichain: what a runtime hands each CNI plugin, and what it makes of the answer."""
+"""lab.cnichain: what a runtime hands each CNI plugin, and what it makes of the answer."""
 
 import copy
 import json
 
 import pytest
 
-from agent.lab import cnichain
-from agent.lab.cnichain import CNIError, Sandbox
+from lab import cnichain
+from lab.cnichain import CNIError, Sandbox
 
 CONFLIST = {
     "cniVersion": "1.0.0",

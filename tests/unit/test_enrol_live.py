@@ -5,23 +5,20 @@ import pytest
 from agent.enrol.reconcile import REDIRECTION_ANNOTATION, annotation_changes, unrecorded
 from agent.enrol.records import PodRecord
 from agent.state.model import ClusterState
+from tests import builders
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
 
 def ns(name, labels=None):
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
+    return builders.namespace(name, labels or {})
 
 
 def pod(namespace, name, node="n1", ip="198.18.1.5", uid=None, labels=None, annotations=None,
         phase="Running", host_network=False):
-    status = {"phase": phase}
-    if ip:
-        status.update(podIP=ip, podIPs=[{"ip": ip}])
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"namespace": namespace, "name": name, "uid": uid or f"uid-{name}",
-                         "labels": labels or {}, "annotations": annotations or {}},
-            "spec": {"nodeName": node, "hostNetwork": host_network}, "status": status}
+    return builders.pod(name, namespace, node=node, ips=[ip] if ip else (), uid=uid or f"uid-{name}",
+                        labels=labels or {}, annotations=annotations or {}, phase=phase,
+                        host_network=host_network)
 
 
 def record(namespace, name, uid=None):

@@ -7,6 +7,7 @@ import pytest
 
 from agent.enrol.rule import (DATAPLANE_MODE_LABEL, DEFAULT_EXCLUDED, SIDECAR_STATUS_ANNOTATION,
                               EnrolmentDecision, decide, pod_namespace)
+from tests import builders
 
 AMBIENT = {DATAPLANE_MODE_LABEL: "ambient"}
 NONE = {DATAPLANE_MODE_LABEL: "none"}
@@ -16,15 +17,11 @@ ANNOTATED_OUT = "pod opted out with ambient.istio.io/redirection=disabled"
 
 
 def pod(ns="app", labels=None, annotations=None, host_network=None):
-    p = {"kind": "Pod", "metadata": {"name": "p", "namespace": ns, "labels": labels or {},
-                                     "annotations": annotations or {}}, "spec": {}}
-    if host_network is not None:
-        p["spec"]["hostNetwork"] = host_network
-    return p
+    return builders.pod("p", ns, labels=labels or {}, annotations=annotations or {}, host_network=host_network)
 
 
 def namespace(name="app", labels=None):
-    return {"kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
+    return builders.namespace(name, labels or {})
 
 
 NOT_LABELLED = "no istio.io/dataplane-mode=ambient label on pod or namespace"

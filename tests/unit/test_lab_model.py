@@ -1,12 +1,12 @@
-"""agent.lab.model: lab names, addressing, manifests, implicit objects (no kernel needed)."""
+"""lab.model: lab names, addressing, manifests, implicit objects (no kernel needed)."""
 
 import ipaddress
 import itertools
 
 import pytest
 
-from agent.lab import model
-from agent.lab.model import ManifestError
+from lab import model
+from lab.model import ManifestError
 
 
 @pytest.mark.parametrize("name", ["default", "t1a2b3c", "a", "lab-1", "abcdefghijkl"])

@@ -4,13 +4,11 @@ import pytest
 
 from agent.observe.metrics import (TCP_LABELS, UNKNOWN, labels_for, with_flags, workload_name,
                                    workload_owner)
+from tests import builders
 
 
 def pod(name="p", namespace="shop", labels=None, owners=None):
-    meta = {"name": name, "namespace": namespace, "labels": labels or {}}
-    if owners is not None:
-        meta["ownerReferences"] = owners
-    return {"metadata": meta, "spec": {"serviceAccountName": "sa"}}
+    return builders.pod(name, namespace, labels=labels or {}, owners=owners, sa="sa")
 
 
 def owner(kind, name, controller=True):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import builders
+
 REPO = Path(__file__).resolve().parents[2]
 
 SEED = """\
@@ -76,9 +78,7 @@ def policy(*args: str) -> subprocess.CompletedProcess:
 
 
 def pod(namespace, name, labels, sa, ip):
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"serviceAccountName": sa, "nodeName": "node1"},
-            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+    return builders.pod(name, namespace, labels=labels, sa=sa, node="node1", phase="Running", ips=[ip])
 
 
 def write_state(tmp_path, *extra) -> str:
@@ -89,7 +89,7 @@ def write_state(tmp_path, *extra) -> str:
              *extra]
     del items[3]["status"]["podIP"], items[3]["status"]["podIPs"]
     path = tmp_path / "state.json"
-    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    path.write_text(json.dumps(builders.object_list(*items)))
     return f"file:{path}"
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.policy.engine import Decision, PolicySet, Request
-from agent.state.model import ClusterState
+from agent.policy.engine import PolicySet
+from agent.policy.request import InboundRequest, PolicyDecision, Workload
+from agent.state.model import ClusterState, Pod
+from tests import builders
 
 WEBSITE = "spiffe://cluster.local/ns/frontend/sa/website"
 OTHER = "spiffe://cluster.local/ns/frontend/sa/other"
@@ -23,10 +25,7 @@ WEB_IP, STRANGER_IP = "198.18.2.10", "198.18.3.5"
 
 
 def pod(namespace, name, labels, sa, *ips):
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"serviceAccountName": sa, "nodeName": "node1"},
-            "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips]}}
+    return builders.pod(name, namespace, labels=labels, sa=sa, node="node1", phase="Running", ips=ips)
 
 
 PODS = {
@@ -372,11 +371,11 @@ CASES = [
 ]
 
 
-def _request(req: dict) -> Request:
+def _request(req: dict) -> tuple[InboundRequest, Pod]:
     target = PODS[req["to_pod"]]
-    return Request(pod=target, destination_ip=req["dst_ip"] or target["status"]["podIP"],
-                   destination_port=req["port"], source_ip=req["source_ip"], source_port=40000,
-                   source_identity=req["ident"])
+    return (InboundRequest(f"{target['metadata']['namespace']}/{target['metadata']['name']}", req["source_ip"],
+                           40000, req["dst_ip"] or target["status"]["podIP"], req["port"], req["ident"]),
+            Pod.from_dict(target))
 
 
 @pytest.mark.parametrize("objects, req, config, expect", CASES)
@@ -384,8 +383,8 @@ def test_decision(objects, req, config, expect):
     state = ClusterState.from_items([*PODS.values(), *objects])
     assert not state.errors
     policies = PolicySet.from_state(state, root_namespace=config["root"], trust_domain=config["td"])
-    decision = policies.evaluate(_request(req))
-    assert isinstance(decision, Decision)
+    decision = policies.evaluate(*_request(req))
+    assert isinstance(decision, PolicyDecision)
     assert decision.allowed is expect["allowed"], decision.reason
     if expect["policy"] is not ANY:
         assert decision.policy == expect["policy"], decision
@@ -396,7 +395,7 @@ def test_decision(objects, req, config, expect):
     assert decision.audit is expect["audit"], decision
     assert decision.mtls_mode == expect["mtls"], decision
     # explain() reaches the same decision
-    explained, trace = policies.explain(_request(req))
+    explained, trace = policies.explain(*_request(req))
     assert explained == decision and trace
 
 
@@ -438,24 +437,23 @@ def test_waypoint_custom_disable_and_conflict_reports():
 
 def test_request_by_namespace_and_labels():
     policies = PolicySet.from_objects([SEED])
-    req = Request(pod=None, namespace="backend", labels={"app": "api"}, name="api-7f9",
-                  destination_ip=API_IP, destination_port=8080, source_ip=WEB_IP, source_identity=OTHER)
-    decision = policies.evaluate(req)
+    req = InboundRequest("backend/api-7f9", WEB_IP, 0, API_IP, 8080, OTHER)
+    decision = policies.evaluate(req, Workload("backend", {"app": "api"}, "api-7f9"))
     assert not decision.allowed and "backend/api-7f9" in decision.reason
-    no_workload = Request(pod=None, destination_ip=API_IP, destination_port=8080, source_ip=WEB_IP)
-    assert not policies.evaluate(no_workload).allowed
+    no_workload = InboundRequest("backend/api-7f9", WEB_IP, 0, API_IP, 8080)
+    assert not policies.evaluate(no_workload, None).allowed
 
 
 def test_bad_request_addresses_fail_closed():
     decision = PolicySet.from_objects([]).evaluate(
-        Request(pod=PODS["api"], destination_ip=API_IP, destination_port=8080, source_ip="not-an-ip"))
+        InboundRequest("backend/api", "not-an-ip", 0, API_IP, 8080), Pod.from_dict(PODS["api"]))
     assert not decision.allowed and "source IP 'not-an-ip' is not an IP address" in decision.reason
 
 
 def test_explain_trace_says_why_nothing_matched():
     policies = PolicySet.from_objects([SEED])
-    decision, trace = policies.explain(_request(dict(to_pod="api", port=9090, ident=WEBSITE, source_ip=WEB_IP,
-                                                     dst_ip=None)))
+    decision, trace = policies.explain(*_request(dict(to_pod="api", port=9090, ident=WEBSITE, source_ip=WEB_IP,
+                                                      dst_ip=None)))
     assert not decision.allowed
     text = "\n".join(trace)
     assert "ALLOW backend/allow-website (selector app=api in namespace backend): does not match" in text

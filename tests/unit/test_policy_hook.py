@@ -1,10 +1,10 @@
-"""The data plane's policy hook: forward.InboundRequest in, forward.PolicyDecision out, fail closed."""
+"""The data plane's policy hook: InboundRequest in, PolicyDecision out (agent/policy/request.py), fail closed."""
 
 from __future__ import annotations
 
 from agent.policy.engine import PolicySet
 from agent.policy.hook import make_hook, policy_set_source
-from agent.proxy.forward import InboundRequest, PolicyDecision
+from agent.policy.request import InboundRequest, PolicyDecision
 from agent.state.model import ClusterState
 
 API = {"apiVersion": "v1", "kind": "Pod",
@@ -26,7 +26,8 @@ def inbound(pod="backend/api", port=8080, identity=WEBSITE):
 def test_hook_decides_with_the_engine():
     state = ClusterState.from_items([API, SEED])
     hook = make_hook(lambda: PolicySet.from_state(state), lambda: state)
-    assert hook(inbound()) == PolicyDecision(True, "allowed by ALLOW policy backend/allow-website rule 0")
+    assert hook(inbound()) == PolicyDecision(True, "allowed by ALLOW policy backend/allow-website rule 0",
+                                             "backend/allow-website", 0)
     denied = hook(inbound(port=9090))
     assert isinstance(denied, PolicyDecision) and not denied.allowed
     assert "no ALLOW policy matches this connection to backend/api" in denied.reason

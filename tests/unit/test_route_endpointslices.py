@@ -9,6 +9,7 @@ import pytest
 
 from agent.proxy.route import resolve
 from agent.state.model import ClusterState
+from tests import builders
 
 TD = "cluster.local"
 API_ID = "spiffe://cluster.local/ns/mesh/sa/api-sa"
@@ -19,10 +20,8 @@ SVC_V6 = "fd00:198:18:ffff::10"
 
 
 def pod(name, ns, ips, sa="default", labels=None, phase="Running"):
-    return {"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
-            "spec": {"serviceAccountName": sa,
-                     "containers": [{"ports": [{"name": "http", "containerPort": 8080}]}]},
-            "status": {"phase": phase, "podIPs": [{"ip": ip} for ip in ips]}}
+    return builders.pod(name, ns, ips=ips, sa=sa, labels=labels or {}, phase=phase,
+                        containers=[{"ports": [{"name": "http", "containerPort": 8080}]}])
 
 
 def service(name, ports, ns="mesh", ips=(SVC_V4,), selector=None):

@@ -14,11 +14,10 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.identity.authn import Caller, ServiceAccount
+from agent.ca.authn import Caller, ServiceAccount
+from agent.identity.proto import IMPERSONATED_IDENTITY
 from agent.identity.spiffe import IdentityError, WorkloadIdentity, identity_of_pod, parse_spiffe_uri
 from agent.state.model import ClusterState
-
-IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
 
 # A CSR is a few hundred bytes; anything near this size is not a CSR.
 MAX_CSR_BYTES = 16 * 1024

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-log = logging.getLogger("agent.identity.ca")
+log = logging.getLogger("agent.ca.server")
 
 
 def _duration(text: str) -> int:
-    from agent.identity.policy import parse_duration
+    from agent.ca.rules import parse_duration
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -63,9 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agent.identity.authn import AuthConfigError
-    from agent.identity.ca import DEFAULT_SERVING_NAMES, CaConfig, CaServer
-    from agent.identity.material import MaterialError
+    from agent.ca.authn import AuthConfigError
+    from agent.ca.material import MaterialError
+    from agent.ca.server import DEFAULT_SERVING_NAMES, CaConfig, CaServer
     from agent.identity.pki import PkiError
     from agent.identity.spiffe import IdentityError
     from agent.state.model import StateError
@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m agent.identity.cli ca ...``) until agent/cli.py registers `ca`."""
+    """Stand-alone entry point (``python -m agent.ca.cli ca ...``); ``ambient-agent ca`` is the same parser."""
     parser = argparse.ArgumentParser(prog="ambient-agent")
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
     sub = parser.add_subparsers(dest="command", required=True)

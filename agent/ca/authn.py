@@ -3,7 +3,7 @@
 ``Authenticator`` is the seam: the lab uses a token file
 (``TokenFileAuthenticator``, here); in a cluster the CA reviews projected
 service-account tokens with the API server (``TokenReviewAuthenticator`` in
-``agent.identity.kubeauth``: the token is bound to a pod, so to a node).
+``agent.ca.kubeauth``: the token is bound to a pod, so to a node).
 
 Two ways to fail, kept apart so a caller can tell "refused" from "try
 again": ``AuthenticationError`` (the token is not good: UNAUTHENTICATED) and
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import yaml
 
+from agent.fileio import FileWatch
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, IdentityError, WorkloadIdentity
 
 log = logging.getLogger(__name__)
@@ -146,16 +147,10 @@ class TokenFileAuthenticator:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stamp = self._current_stamp()
-        self._bad_stamp: tuple | None = None
+        self._watch = FileWatch(path)
+        stamp = self._watch.stamp()
         self._tokens = self._read()     # a broken file at start-up is fatal
-
-    def _current_stamp(self) -> tuple | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._watch.handled(stamp)
 
     def _read(self) -> dict[str, str]:
         try:
@@ -166,16 +161,16 @@ class TokenFileAuthenticator:
         return parse_token_map(text, f"token file {self.path}")
 
     def _refresh(self) -> None:
-        stamp = self._current_stamp()
-        if stamp == self._stamp or stamp == self._bad_stamp:
+        stamp = self._watch.stamp()
+        if not self._watch.is_new(stamp):
             return
         try:
             self._tokens = self._read()
         except AuthConfigError as exc:
-            self._bad_stamp = stamp
+            self._watch.failed(stamp)
             log.error("keeping the previous tokens: %s", exc)
             return
-        self._stamp = stamp
+        self._watch.handled(stamp)
         log.info("token file %s reloaded: %d tokens", self.path, len(self._tokens))
 
     async def authenticate(self, token: str) -> Caller:

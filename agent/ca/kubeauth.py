@@ -5,7 +5,7 @@ kubelet bound to its pod. The CA asks the API server to review it
 (``POST /apis/authentication.k8s.io/v1/tokenreviews``) and learns:
 
 * the service account (``system:serviceaccount:<ns>:<sa>``), which decides
-  whether the caller may impersonate (``agent.identity.policy.authorise``);
+  whether the caller may impersonate (``agent.ca.rules.authorise``);
 * the node: the bound token's ``authentication.kubernetes.io/node-name``
   extra (Kubernetes >= 1.30 adds it), otherwise the node of the pod named by
   ``authentication.kubernetes.io/pod-name`` (GET, ``spec.nodeName``), whose
@@ -31,12 +31,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any
 
-from agent.identity.authn import (AuthConfigError, AuthenticationError, AuthenticationUnavailable,
-                                  Caller, ServiceAccount)
-from agent.identity.spiffe import IdentityError
+from agent.ca.authn import AuthConfigError, AuthenticationError, AuthenticationUnavailable, Caller, ServiceAccount
+from agent.identity.spiffe import IdentityError, service_account_of
 from agent.kubeclient import KubeConfigError, load_configuration
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,19 @@ def pod_node(pod: Any, identity: TokenIdentity) -> str:
     where = f"pod {identity.service_account.namespace}/{identity.pod_name}"
     if not isinstance(pod, dict):
         raise AuthenticationError(f"{where}, which the token is bound to, could not be read")
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict):
+        meta = {}
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        spec = {}
     if identity.pod_uid is not None and meta.get("uid") != identity.pod_uid:
         # Same name, another pod: the one the token was issued to is gone.
         raise AuthenticationError(f"{where} has UID {meta.get('uid')!r}, not the "
                                   f"{identity.pod_uid!r} the token is bound to")
-    if (spec.get("serviceAccountName") or "default") != identity.service_account.name:
-        raise AuthenticationError(f"{where} runs as service account "
-                                  f"{spec.get('serviceAccountName') or 'default'!r}, not "
+    account = service_account_of(spec)
+    if account != identity.service_account.name:
+        raise AuthenticationError(f"{where} runs as service account {account!r}, not "
                                   f"{identity.service_account.name!r} as the token says")
     node = spec.get("nodeName")
     if not isinstance(node, str) or not node:
@@ -253,7 +258,7 @@ class TokenReviewAuthenticator:
         if task is None:
             task = asyncio.ensure_future(self._authenticate_uncached(token))
             self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._review_done(k, t))
+            task.add_done_callback(partial(self._review_done, key))
         # shield: a cancelled caller (deadline) must not cancel the others' review.
         return await asyncio.shield(task)
 
@@ -276,7 +281,8 @@ class TokenReviewAuthenticator:
     async def _review(self, token: str) -> Any:
         from kubernetes.client.rest import ApiException
 
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        # The client sends a plain dict as it is (its types ask for a V1TokenReview).
+        body: Any = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": [self.audience]}}
         try:
             response = await asyncio.to_thread(
@@ -302,6 +308,7 @@ class TokenReviewAuthenticator:
         from kubernetes.client.rest import ApiException
 
         namespace, name = identity.service_account.namespace, identity.pod_name
+        assert name is not None, "review_identity: a token without a node names its pod"
         try:
             response = await asyncio.to_thread(
                 self._core.read_namespaced_pod, name, namespace, _preload_content=False,

@@ -7,8 +7,8 @@ goes through, in order:
    and service account (UNAUTHENTICATED otherwise; UNAVAILABLE when the
    token cannot be checked now, e.g. the Kubernetes API is down). Tokens
    come from a file (lab) or are reviewed by Kubernetes (``--tokens kube``,
-   ``agent.identity.kubeauth``);
-2. authorisation (``agent.identity.policy.authorise``): a node agent's
+   ``agent.ca.kubeauth``);
+2. authorisation (``agent.ca.rules.authorise``): a node agent's
    ``ImpersonatedIdentity`` request metadata names a SPIFFE ID of this trust
    domain whose service account runs in a pod on the caller's node; any
    other service account may have only its own identity, and only while a
@@ -30,23 +30,28 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 
+from agent.ca.authn import (
+    AuthConfigError,
+    AuthenticationError,
+    AuthenticationUnavailable,
+    Authenticator,
+    ServiceAccount,
+    TokenFileAuthenticator,
+    bearer_token,
+    parse_service_account,
+)
+from agent.ca.material import DirectorySigningSource, SigningMaterial, SigningMaterialSource, write_public_file
+from agent.ca.rules import AuthorisationError, CsrError, TtlError, authorise, clamp_ttl, validate_csr
 from agent.identity import pki
-from agent.identity.authn import (AuthConfigError, AuthenticationError, AuthenticationUnavailable,
-                                  Authenticator, ServiceAccount, TokenFileAuthenticator, bearer_token,
-                                  parse_service_account)
-from agent.identity.material import (DirectorySigningSource, SigningMaterial,
-                                     SigningMaterialSource, write_public_file)
-from agent.identity.policy import (IMPERSONATED_IDENTITY, AuthorisationError, CsrError, TtlError,
-                                   authorise, clamp_ttl, validate_csr)
-from agent.identity.proto import ca_pb2, ca_pb2_grpc
+from agent.identity.proto import IMPERSONATED_IDENTITY, ca_pb2, ca_pb2_grpc
 from agent.identity.spiffe import DEFAULT_TRUST_DOMAIN, check_trust_domain
-from agent.state.source import open_state_source
 from agent.state.model import ClusterState
+from agent.state.source import open_state_source
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +153,7 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             log.warning("refused certificate to %s from %s: %s: %s", caller, context.peer(),
                         refusal.code.name, refusal.message)
             await context.abort(refusal.code, refusal.message)
-            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+            raise AssertionError("unreachable: abort raises") from refusal  # pragma: no cover
 
         leaf = pki.sign_workload(csr.public_key(), identity.uri, self.material.cert,
                                  self.material.key, self.clock(), dt.timedelta(seconds=ttl))
@@ -191,9 +196,9 @@ class CaServer:
 
     async def start(self) -> None:
         """Load everything, then listen; any problem raises before the port opens."""
-        if not 0 < self.config.max_ttl:
+        if not self.config.max_ttl > 0:
             raise ValueError(f"max TTL must be positive, not {self.config.max_ttl}")
-        if not 0 < self.config.default_ttl:
+        if not self.config.default_ttl > 0:
             raise ValueError(f"default TTL must be positive, not {self.config.default_ttl}")
         if self.config.default_ttl > self.config.max_ttl:
             log.warning("default TTL %d s is above the maximum %d s: certificates get %d s",
@@ -248,7 +253,7 @@ class CaServer:
 
     def _make_authenticator(self) -> Authenticator:
         if self.config.tokens == TOKENS_KUBE:
-            from agent.identity.kubeauth import TokenReviewAuthenticator, api_client
+            from agent.ca.kubeauth import TokenReviewAuthenticator, api_client
             return TokenReviewAuthenticator(api_client(self.config.kubeconfig), self.config.audience)
         return TokenFileAuthenticator(self.config.tokens)
 

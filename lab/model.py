@@ -215,7 +215,8 @@ def normalise(obj: Any) -> dict:
                                 "(the lab has no scheduler: say which node it runs on)")
         if not _DNS_SUBDOMAIN.match(str(node)):
             raise ManifestError(f"Pod {meta['namespace']}/{name}: invalid spec.nodeName {node!r}")
-        spec.setdefault("serviceAccountName", "default")
+        # As the API server does: the deprecated serviceAccount fills the name.
+        spec.setdefault("serviceAccountName", spec.get("serviceAccount") or "default")
         spec.setdefault("hostNetwork", False)
     return obj
 

@@ -12,7 +12,7 @@ This is what a container runtime (containerd, CRI-O, libcni) does with a
 * a plugin reports success by printing a result and exiting 0, failure by
   printing an error object ``{"code", "msg", "details"}`` and exiting non-zero.
 
-``agent/lab/runtime.py`` is the shell that actually runs the binaries.
+``lab/runtime.py`` is the shell that actually runs the binaries.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import os
 import subprocess
 from typing import Mapping
 
-from agent.lab import cnichain
-from agent.lab.cnichain import CNIError, Sandbox
-from agent.lab.sysops import child_setup
+from lab import cnichain
+from lab.cnichain import CNIError, Sandbox
+from lab.sysops import child_setup
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""``ambient-agent lab …``: the local pod lab from the command line.
+"""``ambient-lab …`` (or ``python -m lab …``): the local pod lab from the command line.
+
+A development tool, installed by the ``lab`` extra (``pip install -e '.[lab]'``);
+it is not part of the product package or image.
 
     lab up FILE [--name N] [--no-agents] [--pod-timeout S] [--agent-arg ARG]...
     lab status [--name N] [--json]
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 
@@ -29,15 +33,16 @@ KIND_ALIASES = {
 }
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from agent.lab import DEFAULT_ROOT
+def build_parser() -> argparse.ArgumentParser:
+    from lab import DEFAULT_ROOT
 
+    parser = argparse.ArgumentParser(prog="ambient-lab",
+                                     description="local pod lab: nodes and pods in network namespaces")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", default=DEFAULT_NAME, help="lab name (default: %(default)s)")
     common.add_argument("--root", default=DEFAULT_ROOT, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("lab", help="local pod lab: nodes and pods in network namespaces")
-    lab = p.add_subparsers(dest="lab_command", required=True)
+    lab = parser.add_subparsers(dest="lab_command", required=True)
 
     up = lab.add_parser("up", parents=[common], help="create or extend a lab from a YAML manifest")
     up.add_argument("file", help="YAML manifest (Pods need spec.nodeName)")
@@ -79,6 +84,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     ls = lab.add_parser("list", parents=[common], help="labs on this machine")
     ls.set_defaults(func=_list)
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
 
 
 def _msg(exc: BaseException) -> str:
@@ -87,7 +101,7 @@ def _msg(exc: BaseException) -> str:
 
 
 def _lab(args: argparse.Namespace, **kwargs):
-    from agent.lab.lab import Lab
+    from lab.lab import Lab
     return Lab(args.name, root=args.root, **kwargs)
 
 
@@ -98,18 +112,18 @@ def _split_command(args: argparse.Namespace) -> list[str]:
         i = cmd.index("--")
         before, cmd = cmd[:i], cmd[i + 1:]
         if before:
-            extra = argparse.ArgumentParser(prog="ambient-agent lab exec")
+            extra = argparse.ArgumentParser(prog="ambient-lab exec")
             extra.add_argument("--name", default=args.name)
             extra.add_argument("--root", default=args.root)
             extra.parse_args(before, namespace=args)
     if not cmd:
-        raise SystemExit("ambient-agent lab: give the command after --")
+        raise SystemExit("ambient-lab: give the command after --")
     return cmd
 
 
 def _up(args: argparse.Namespace) -> int:
-    from agent.lab.lab import LabError
-    from agent.lab.model import ManifestError
+    from lab.lab import LabError
+    from lab.model import ManifestError
     lab = _lab(args, start_agents=not args.no_agents, pod_timeout=args.pod_timeout,
                agent_args=args.agent_arg, ambient_cni=not args.no_ambient_cni)
     try:
@@ -118,7 +132,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"lab {args.name}: {_msg(exc)}", file=sys.stderr)
         return 1
     except (LabError, OSError) as exc:
-        print(f"lab {args.name}: {exc}\n(what was created stays; `ambient-agent lab down "
+        print(f"lab {args.name}: {exc}\n(what was created stays; `ambient-lab down "
               f"--name {args.name}` removes it)", file=sys.stderr)
         return 1
     st = lab.status()
@@ -133,7 +147,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from agent.lab.lab import LabError
+    from lab.lab import LabError
     try:
         st = _lab(args).status()
     except LabError as exc:
@@ -202,7 +216,7 @@ def _node_exec(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from agent.lab.model import CLUSTER_SCOPED, parse_label_args, split_key
+    from lab.model import CLUSTER_SCOPED, parse_label_args, split_key
     kind = KIND_ALIASES.get(args.kind.lower(), args.kind)
     if kind in CLUSTER_SCOPED:
         ns, name = None, args.target.rsplit("/", 1)[-1]
@@ -218,7 +232,7 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _delete_pod(args: argparse.Namespace) -> int:
-    from agent.lab.model import split_key
+    from lab.model import split_key
     try:
         problems = _lab(args).delete_pod(*split_key(args.target))
     except (KeyError, ValueError, RuntimeError) as exc:
@@ -230,7 +244,7 @@ def _delete_pod(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from agent.lab.lab import Lab
+    from lab.lab import Lab
     problems = Lab.down_by_name(args.name, root=args.root)
     for p in problems:
         print(f"  {p}", file=sys.stderr)
@@ -238,7 +252,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from agent.lab.lab import Lab
+    from lab.lab import Lab
     labs = Lab.list_labs(args.root)
     rows = [("LAB", "SLOT", "NODES", "PODS")]
     for lab in labs:
@@ -246,3 +260,7 @@ def _list(args: argparse.Namespace) -> int:
     _table(rows)
     return 0
 
+
+
+if __name__ == "__main__":
+    sys.exit(main())

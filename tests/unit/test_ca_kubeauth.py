@@ -2,9 +2,9 @@
 
 import pytest
 
-from agent.identity.authn import AuthenticationError, Caller, ServiceAccount
-from agent.identity.kubeauth import (EXTRA_NODE_NAME, EXTRA_POD_NAME, EXTRA_POD_UID, ReviewCache,
-                                     TokenIdentity, pod_node, review_identity)
+from agent.ca.authn import AuthenticationError, Caller, ServiceAccount
+from agent.ca.kubeauth import (EXTRA_NODE_NAME, EXTRA_POD_NAME, EXTRA_POD_UID, ReviewCache,
+                               TokenIdentity, pod_node, review_identity)
 
 AUD = "istio-ca"
 AGENT = ServiceAccount("istio-system", "ambient-agent")

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.lab.lab import Lab
+from lab.lab import Lab
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "examples" / "lab.yaml"
 SERVER = ("import socket,sys\n"
           "s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"

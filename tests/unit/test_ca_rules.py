@@ -5,22 +5,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from agent.ca.authn import Caller, ServiceAccount, parse_service_account
+from agent.ca.rules import (AuthorisationError, CsrError, TtlError, authorise, clamp_ttl,
+                            parse_duration, validate_csr)
 from agent.identity import pki
-from agent.identity.authn import Caller, ServiceAccount, parse_service_account
-from agent.identity.policy import (AuthorisationError, CsrError, TtlError, authorise, clamp_ttl,
-                                   parse_duration, validate_csr)
 from agent.identity.spiffe import WorkloadIdentity
 from agent.state.model import ClusterState
+from tests import builders
 
 TD = "cluster.local"
 
 
 def pod(name, ns, node, sa=None, phase="Running"):
-    spec = {"nodeName": node}
-    if sa is not None:
-        spec["serviceAccountName"] = sa
-    return {"kind": "Pod", "metadata": {"name": name, "namespace": ns},
-            "spec": spec, "status": {"phase": phase}}
+    return builders.pod(name, ns, node=node, sa=sa, phase=phase)
 
 
 STATE = ClusterState.from_items([

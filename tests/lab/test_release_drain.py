@@ -1,0 +1,65 @@
+"""A released pod's open connections drain (issue 13, item 1).
+
+When the rule stops enrolling a captured pod (here: the pod opts out with
+``istio.io/dataplane-mode=none``), its steering goes at once, so new
+connections bypass the agent; connections the agent already carries may
+finish within ``--drain-seconds`` and are then cut with a reset, never a
+FIN that would pass for their end. Before, they ran on unaccounted for,
+and a shutdown did not wait for them. Real pods, real eBPF, HBONE between
+two node agents.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lab.lab import Lab
+from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest
+from tests.lab.conftest import PEER, agent_pod, settle, unique_name, wait_for
+
+DRAIN = 2.0
+MANIFEST = manifest(MESH_NAMESPACE, MESH_CLIENT, MESH_SERVER)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab(unique_name("drn"), pod_timeout=20.0,
+              agent_args=["--reconcile-seconds", "0.5", "--drain-seconds", str(DRAIN)])
+    try:
+        lab.up(MANIFEST)
+        settle(lab)
+        yield lab
+    finally:
+        lab.down()
+
+
+def test_a_released_pods_open_connection_drains_then_is_cut(lab, servers):
+    servers(lab).serve("mesh/server", 7090, "drain")
+    server_ip = lab.pod_ip("mesh/server")
+    stream = lab.exec("mesh/client", [sys.executable, PEER, "stream", server_ip, "7090", "DRAIN-" + unique_name()],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert stream.stdout.readline().strip() == "started"
+        time.sleep(0.5)
+        assert agent_pod(lab, "node1", "mesh/client")["counters"]["outbound"]["active"] == 1
+        lab.set_labels("Pod", "mesh", "client", {"istio.io/dataplane-mode": "none"})
+        wait_for(lambda: not agent_pod(lab, "node1", "mesh/client")["enrolled"], what="release by the pod's opt-out")
+        released = time.time()
+        # Within the drain window the stream goes on; at its end it is cut with an error.
+        stream.wait(timeout=DRAIN + 30)
+        summary = json.loads(stream.stdout.read().strip().splitlines()[-1])
+        assert not summary["ok"] and summary["error"] in ("ECONNRESET", "EPIPE"), summary
+        assert summary["bytes"] > 0
+        assert released - 1.0 + DRAIN - 0.5 <= summary["at"] <= released + DRAIN + 5.0, (summary, released)
+        assert agent_pod(lab, "node1", "mesh/client")["counters"]["outbound"]["active"] == 0
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+        stream.wait()
+        lab.set_labels("Pod", "mesh", "client", {"istio.io/dataplane-mode": None})
+    wait_for(lambda: agent_pod(lab, "node1", "mesh/client")["enrolled"], what="captured again")
