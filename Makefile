@@ -7,7 +7,7 @@ VPY         := $(VENV)/bin/python
 STAMP       := $(VENV)/.stamp-setup
 DEBS        := python3-bpfcc bpfcc-tools linux-headers-amd64 containernetworking-plugins \
                iproute2 tcpdump socat nghttp2-proxy tinyproxy bpftool binutils \
-               iperf3 wrk iptables prometheus podman runc busybox-static
+               iperf3 wrk iptables prometheus podman runc busybox-static bind9-dnsutils
 BCC_DIR     := /usr/lib/python3/dist-packages/bcc
 
 .PHONY: .debs-ok kernel-headers setup test lint unit lab-test demo clean-lab clean protos chart-tools image cni-plugin

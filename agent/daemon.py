@@ -38,12 +38,16 @@ import logging
 import os
 import select
 import signal
+import socket
 from dataclasses import dataclass
 
 from agent import control, eventloop
 from agent.capture.datapath import DEFAULT_CGROUP, CaptureDatapath, CaptureError
 from agent.capture.inpod import InPodCapture, PodListeners
 from agent.control import CniAdd, CniDel, ControlServer, Handover, Request, StatusRequest
+from agent.dns.names import capture_wanted, service_addresses
+from agent.dns.resolver import Resolver
+from agent.dns.server import DnsCounters, PodDns, PodResolvConf
 from agent.enrol import discover
 from agent.enrol.lifecycle import (
     Action,
@@ -86,6 +90,7 @@ from agent.proxy.counters import ConnectionLog, PodCounters
 from agent.proxy.forward import DataPlane, PodProxy
 from agent.proxy.tunnel import HbonePool
 from agent.state.model import ClusterState, StateError
+from agent.state.serviceentry import allocated_vips, resolve_host
 from agent.state.source import STATE_URL_HELP, open_state_source
 
 log = logging.getLogger("agent")
@@ -139,6 +144,10 @@ class AgentConfig:
     # pinned network namespaces, for finding running pods.
     host_proc: str = "/proc"
     netns_dirs: tuple[str, ...] = discover.PINNED_NETNS_DIRS
+    # The DNS proxy (agent/dns): capture enrolled pods' DNS (Istio's default;
+    # a pod's ambient.istio.io/dns-capture annotation overrides it).
+    dns_capture: bool = True
+    cluster_domain: str = "cluster.local"
 
 
 @dataclass
@@ -173,7 +182,9 @@ class NodeAgent:
                                  excluded=tuple(config.excluded_namespaces))
         self.datapath = CaptureDatapath(config.pin_dir, config.cgroup)
         self.switcher = NetnsSwitcher()
-        self.inpod = InPodCapture(self.datapath, self.switcher, config.host_proc)
+        self.inpod = InPodCapture(self.datapath, self.switcher, config.host_proc, dns=config.dns_capture)
+        self.dns: dict[int, PodDns] = {}        # by netns cookie: each pod's DNS proxy
+        self.dns_counters: dict[str, DnsCounters] = {}
         self.records = RecordStore(os.path.join(config.run_dir, "pods"))
         self.captured: dict[str, CapturedPod] = {}     # the I/O side of life.captured
         # Released captures letting their open connections finish (at most
@@ -317,6 +328,9 @@ class NodeAgent:
         await self.control.close()
         for pod in list(self.captured.values()):
             await pod.proxy.stop_accepting()
+            dns = self.dns.pop(pod.listeners.cookie, None)
+            if dns is not None:
+                dns.stop()
             # After a handover the BPF steering points at the new agent's
             # listeners; closing ours moves the connections still queued in
             # them to the new ones (tcp_migrate_req, capture/inpod.py).
@@ -625,6 +639,8 @@ class NodeAgent:
         previous = self.captured.get(rec.key)
         listeners = (self.inpod.open(rec.netns) if netns_fd is None
                      else self.inpod.listen(netns_fd, rec.netns))
+        view = self.state.pod_view(rec.namespace, rec.name)
+        listeners.dns_enabled = capture_wanted(self.config.dns_capture, view.annotations if view else None)
         if previous is None and rec.netns_cookie and rec.netns_cookie != listeners.cookie:
             # Same path, different namespace: the old one's state is stale.
             self.inpod.disable(rec.netns_cookie, rec.ips)
@@ -663,7 +679,22 @@ class NodeAgent:
                          {"namespace": rec.namespace, "workload_name": rec.name},
                          listeners, self.datapath, self.switcher, counters, self.plane)
         proxy.start()
+        self._serve_dns(rec, listeners)
         return CapturedPod(listeners, proxy, identity, list(rec.ips), list(rec.gateways))
+
+    def _serve_dns(self, rec: PodRecord, listeners: PodListeners) -> None:
+        """The pod's DNS proxy on its DNS listeners, once per set of listeners."""
+        if not listeners.dns_enabled or not listeners.dns or listeners.cookie in self.dns:
+            return
+        resolver = Resolver(rec.namespace, lambda ns, name: service_addresses(self.state, ns, name),
+                            self.config.cluster_domain, hosts=lambda name: resolve_host(self.state, name))
+        counters = self.dns_counters.setdefault(rec.key, DnsCounters())
+        udp = [s for s in listeners.dns if s.type == socket.SOCK_DGRAM]
+        tcp = [s for s in listeners.dns if s.type == socket.SOCK_STREAM]
+        server = self.dns[listeners.cookie] = PodDns(
+            rec.key, resolver, udp, tcp, listeners.netns_fd, self.switcher, counters, self.metrics.agent.dns_query,
+            upstream=PodResolvConf(listeners.netns_fd, self.config.host_proc).get)
+        server.begin()
 
     def _restore_steering(self, key: str, pod: CapturedPod) -> None:
         try:
@@ -760,6 +791,9 @@ class NodeAgent:
         if pod is None:
             return
         await pod.proxy.stop_accepting()
+        dns = self.dns.pop(pod.listeners.cookie, None)
+        if dns is not None:
+            dns.stop()
         self.inpod.close(pod.listeners)
 
     async def _reconcile(self) -> None:
@@ -996,7 +1030,10 @@ class NodeAgent:
             hbone_connections=self.plane.pool.connections(), hbone_opened=self.plane.pool.connections_opened,
             certificates=tuple(self.identities.status()) if self.identities else (),
             trust_bundle=self.identities.bundle_status() if self.identities else None,
-            policy_rejections=tuple(str(r) for r in policies.rejections), policy_reports=tuple(policies.reports))
+            policy_rejections=tuple(str(r) for r in policies.rejections), policy_reports=tuple(policies.reports),
+            dns={"capture": self.config.dns_capture, "cluster_domain": self.config.cluster_domain,
+                 "pods": {key: c.snapshot() for key, c in sorted(self.dns_counters.items())},
+                 "allocated_vips": allocated_vips(self.state)})
 
     def config_dump(self) -> dict:
         """Everything the agent believes, for /config_dump (no private keys: none are put here)."""
@@ -1054,6 +1091,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--netns-dir", action="append", dest="netns_dirs",
                    help="directory of pinned pod network namespaces (repeatable; "
                         f"default {' and '.join(discover.PINNED_NETNS_DIRS)})")
+    p.add_argument("--dns-capture", choices=("on", "off"), default="on",
+                   help="capture enrolled pods' DNS into the agent's DNS proxy (a pod's "
+                        "ambient.istio.io/dns-capture annotation overrides this)")
+    p.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain")
     p.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto",
                    help="event loop for the data path: uvloop (default when installed) or asyncio")
     p.set_defaults(func=_run)
@@ -1077,6 +1118,7 @@ def _run(args: argparse.Namespace) -> int:
         after_handover=args.after_handover,
         reconcile_seconds=args.reconcile_seconds, host_proc=args.host_proc,
         netns_dirs=tuple(args.netns_dirs) if args.netns_dirs else discover.PINNED_NETNS_DIRS,
+        dns_capture=args.dns_capture == "on", cluster_domain=args.cluster_domain,
     )
     if config.ca_address and not (config.ca_root and config.token_file):
         log.error("--ca-address needs --ca-root and --token-file")

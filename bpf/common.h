@@ -21,6 +21,8 @@
 #define OUTBOUND_PORT 15001  /* agent's outbound listener inside each pod netns */
 #define INBOUND_PORT 15006   /* plaintext inbound listener */
 #define HBONE_PORT 15008     /* HBONE (mTLS) inbound listener */
+#define DNS_PORT 15053       /* agent's DNS listener (UDP and TCP) inside each pod netns, as Istio's */
+#define RESOLVER_PORT 53     /* the destination port whose queries are captured */
 
 /* Sockets the agent opens carry this mark (Istio's ztunnel uses 0x539 too),
  * so that the agent's own connections from inside a pod are never captured. */
@@ -36,10 +38,11 @@
 
 #define POD_IPV4 1
 #define POD_IPV6 2
+#define POD_DNS 4             /* capture this pod's DNS (port 53) to DNS_PORT */
 
 /* Per enrolled pod, keyed by network-namespace cookie (u64). */
 struct pod_config {
-    __u32 flags;          /* POD_IPV4 | POD_IPV6: which addresses are set */
+    __u32 flags;          /* POD_IPV4 | POD_IPV6: which addresses are set; POD_DNS */
     __u32 ip4;            /* pod IPv4, network byte order */
     __u32 ip6[4];         /* pod IPv6, network byte order */
 };
@@ -85,6 +88,11 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct orig_dst, pending_dst, 65536, PIN_DIR
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct orig_dst, orig_dst, 65536, PIN_DIR "/orig_dst");
 BPF_TABLE_PINNED("hash", struct addr_key, struct inbound_config, inbound_config, 4096, PIN_DIR "/inbound_config");
 BPF_TABLE_PINNED("sockhash", struct listener_key, int, listeners, 8192, PIN_DIR "/listeners");
+/* UDP DNS capture (dns.c): the resolver a UDP socket sent to (connect4/6 or
+ * sendmsg4/6), by socket cookie, so that recvmsg4/6 can give the agent's
+ * reply the resolver's address as its source. LRU: sockets are never
+ * announced closed to a sock_addr program, so stale entries age out. */
+BPF_TABLE_PINNED("lru_hash", __u64, struct orig_dst, dns_orig, 65536, PIN_DIR "/dns_orig");
 /* Counters of capture decisions, per CPU, read by the agent for status. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, capture_stats, 8, PIN_DIR "/capture_stats");
 
@@ -94,5 +102,21 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, capture_stats, 8, PIN_DIR "/captu
 #define STAT_INBOUND_NO_LISTENER 3
 #define STAT_INBOUND_PROBE 4
 #define STAT_ORIG_DST_RECORDED 5
+#define STAT_DNS_UDP_CAPTURED 6
+#define STAT_DNS_TCP_CAPTURED 7
+
+#ifndef SOCK_DGRAM
+#define SOCK_DGRAM 2
+#endif
+
+/* One of the agent's own sockets (marked AGENT_MARK): never captured. No map
+ * access, so it may live in the header (see stats.c). */
+static __always_inline int agent_socket(struct bpf_sock_addr *ctx)
+{
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 0;
+    return (sk->mark & AGENT_MARK_MASK) == AGENT_MARK;
+}
 
 #endif

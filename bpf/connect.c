@@ -10,18 +10,14 @@
  * If the agent is dead, the rewritten connect() finds no listener and fails
  * with ECONNREFUSED: traffic never leaves uncaptured.
  *
+ * DNS: a connect() to port 53 (TCP, or UDP as glibc's resolver does it)
+ * from a pod whose DNS is captured goes to the agent's DNS listener instead
+ * (dns.c, dns_capture4/6), before any of the above.
+ *
  * Byte order: user_ip4/user_ip6 network order, user_port network order in
  * the low 16 bits.
  */
 #include "common.h"
-
-static __always_inline int agent_socket(struct bpf_sock_addr *ctx)
-{
-    struct bpf_sock *sk = ctx->sk;
-    if (!sk)
-        return 0;
-    return (sk->mark & AGENT_MARK_MASK) == AGENT_MARK;
-}
 
 /* The enrolled pod this TCP connect() comes from, or NULL when it is not to
  * be captured: not TCP, no enrolled pod in this network namespace, or one of
@@ -72,6 +68,8 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 family,
 
 int ambient_connect4(struct bpf_sock_addr *ctx)
 {
+    if (dns_capture4(ctx))
+        return 1;
     struct pod_config *pod = capturing_pod(ctx);
     if (!pod)
         return 1;
@@ -84,6 +82,8 @@ int ambient_connect4(struct bpf_sock_addr *ctx)
 
 int ambient_connect6(struct bpf_sock_addr *ctx)
 {
+    if (dns_capture6(ctx))
+        return 1;
     struct pod_config *pod = capturing_pod(ctx);
     if (!pod)
         return 1;

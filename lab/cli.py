@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to keep retrying a pod's CNI ADD (default: %(default)s)")
     up.add_argument("--agent-arg", action="append", default=[],
                     help="extra argument for each agent's command line (repeatable)")
+    up.add_argument("--dual-stack", action="store_true",
+                    help="new nodes and their pods also get IPv6 (fd00:198:18::/48)")
     up.set_defaults(func=_up)
 
     st = lab.add_parser("status", parents=[common], help="nodes, agents and pods")
@@ -125,7 +127,8 @@ def _up(args: argparse.Namespace) -> int:
     from lab.lab import LabError
     from lab.model import ManifestError
     lab = _lab(args, start_agents=not args.no_agents, pod_timeout=args.pod_timeout,
-               agent_args=args.agent_arg, ambient_cni=not args.no_ambient_cni)
+               agent_args=args.agent_arg, ambient_cni=not args.no_ambient_cni,
+               dual_stack=args.dual_stack)
     try:
         report = lab.up(args.file)
     except ManifestError as exc:

@@ -79,6 +79,8 @@ class PodRuntime:
             sysops.cgroup_create(p["cgroup"])
             if p["netns"]:
                 sysops.create_netns(p["netns"])
+                if nrec.get("pod_subnet6"):
+                    sysops.setup_ipv6(sysops.netns_path(p["netns"]), forward=False)
             st.update_state(lambda items: model.upsert(items, pod))
         if host_net:
             # No sandbox network: the pod shares its node's namespace and

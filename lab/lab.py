@@ -77,6 +77,7 @@ class Lab:
     agent_ready_timeout = _Setting()
     agent_command = _Setting()
     ca = _Setting()
+    dual_stack = _Setting()
 
     def __init__(self, name: str, root: str | Path = DEFAULT_ROOT, agent_args: Sequence[str] = (),
                  start_agents: bool = True, pod_timeout: float = 30.0, ambient_cni: bool = True,
@@ -84,7 +85,7 @@ class Lab:
                  cni_plugins: Sequence[Mapping] = (), cni_timeout: float = 30.0,
                  agent_ready_timeout: float = 60.0,
                  agent_command: Sequence[str] | None = None, ca: bool = True,
-                 cni_runner: RunnerFactory = CniRunner) -> None:
+                 cni_runner: RunnerFactory = CniRunner, dual_stack: bool = False) -> None:
         """
         ``cni_bin`` adds (or replaces) executables in the lab's CNI bin dir,
         ``{plugin type: path}``; ``cni_plugins`` are plugin entries appended to
@@ -97,14 +98,17 @@ class Lab:
         program the agent's ``run --node …`` arguments are given to (default
         ``python -m agent.cli``; tests substitute a stand-in). ``cni_runner``
         makes a node's CNI runner from (bin dir, node netns, timeout); the
-        benchmarks pass one that times every call.
+        benchmarks pass one that times every call. ``dual_stack``: nodes
+        created afterwards also carry IPv6 (underlay and a second host-local
+        range, addresses in ``lab/model.py``), so pods get an IPv4 and an IPv6
+        address, and dual-stack Services a second cluster IP.
         """
         self.settings = LabSettings(
             agent_args=list(agent_args), pod_timeout=float(pod_timeout), ambient_cni=ambient_cni,
             cni_bin=dict(cni_bin or {}), cni_plugins=[copy.deepcopy(dict(p)) for p in cni_plugins],
             cni_timeout=cni_timeout, agent_ready_timeout=agent_ready_timeout,
             agent_command=list(agent_command or (sys.executable, "-m", "agent.cli")), ca=ca,
-            agent_grace=AGENT_GRACE)
+            agent_grace=AGENT_GRACE, dual_stack=dual_stack)
         self.start_agents = start_agents
         self.store = LabStore(name, root)
         self.network = NetworkBuilder(self.store, self.settings)
@@ -258,7 +262,8 @@ class Lab:
                     continue
                 if kind == "Node":
                     n = rec["nodes"][name]
-                    model.upsert(items, model.node_object(name, n["underlay_ip"], n["pod_subnet"], o))
+                    model.upsert(items, model.node_object(name, n["underlay_ip"], n["pod_subnet"], o,
+                                                          n.get("pod_subnet6"), n.get("underlay_ip6")))
                     continue
                 if kind == "Service":
                     self._assign_cluster_ip(o, items, rec)
@@ -286,6 +291,20 @@ class Lab:
             ip = model.allocate_cluster_ip(rec["service_cidr"], [u for u in used if u])
         spec["clusterIP"] = ip
         spec["clusterIPs"] = [ip]
+        dual = any(n.get("pod_subnet6") for n in rec["nodes"].values())
+        if dual and model.wants_dual_stack(spec):
+            # As the API server with IPv4 as the primary family: a second cluster IP.
+            old_ips = (old or {}).get("spec", {}).get("clusterIPs") or []
+            ip6 = next((x for x in old_ips if ":" in x), None)
+            if ip6 is None:
+                used6 = [x for o in items if o.get("kind") == "Service"
+                         for x in (o.get("spec", {}).get("clusterIPs") or []) if ":" in x]
+                ip6 = model.allocate_cluster_ip(model.service_cidr6(rec["slot"]), used6)
+            spec["clusterIPs"] = [ip, ip6]
+            spec["ipFamilies"] = ["IPv4", "IPv6"]
+        elif model.wants_dual_stack(spec) and spec.get("ipFamilyPolicy") == "RequireDualStack":
+            raise ManifestError(f"Service {svc['metadata']['name']} requires dual-stack; "
+                                "make the lab with dual_stack=True")
 
     def set_labels(self, kind: str, ns: str | None, name: str, labels: Mapping[str, str | None]) -> None:
         """Change labels on an object in the state file (``None`` removes a label)."""

@@ -10,6 +10,13 @@ Addressing (all inside 198.18.0.0/15, the benchmarking range):
   listens on ``198.19.s.254:15012`` on the wire bridge;
 * Services without a ``clusterIP`` get one from ``198.19.(128 + 4*s).0/22``.
 
+A dual-stack lab (``Lab(..., dual_stack=True)``) adds IPv6, all inside
+``fd00:198:18::/48``: node ``i``'s pods get ``fd00:198:18:<8*s + i, hex>::/64``
+as a second host-local range, its underlay address is
+``fd00:198:18:ff<s, 2 hex digits>::<i+1>/64`` and dual-stack Services
+(``ipFamilyPolicy`` PreferDualStack/RequireDualStack, or ``ipFamilies``
+naming IPv6) get a second cluster IP from ``fd00:198:18:fe<s>::/112``.
+
 Names: network namespaces ``alab-<lab>-wire``, ``alab-<lab>-n<i>``,
 ``alab-<lab>-p<j>``. Lab names end in a letter or digit and the suffixes
 contain no dash, so no two labs can produce the same namespace name.
@@ -78,6 +85,33 @@ def underlay_ip(slot: int, index: int) -> str:
 
 
 UNDERLAY_PREFIXLEN = 24
+UNDERLAY6_PREFIXLEN = 64
+
+
+def pod_subnet6(slot: int, index: int) -> str:
+    _check_slot_index(slot, index)
+    return str(ipaddress.ip_network(f"fd00:198:18:{slot * MAX_NODES + index:x}::/64"))
+
+
+def pod_gateway6(slot: int, index: int) -> str:
+    return str(next(ipaddress.ip_network(pod_subnet6(slot, index)).hosts()))
+
+
+def underlay_ip6(slot: int, index: int) -> str:
+    _check_slot_index(slot, index)
+    return f"fd00:198:18:ff{slot:02x}::{index + 1:x}"
+
+
+def service_cidr6(slot: int) -> str:
+    _check_slot_index(slot, 0)
+    return f"fd00:198:18:fe{slot:02x}::/112"
+
+
+def wants_dual_stack(spec: dict) -> bool:
+    """Does a Service spec ask for an IPv6 cluster IP besides the IPv4 one?"""
+    if spec.get("ipFamilyPolicy") in ("PreferDualStack", "RequireDualStack"):
+        return True
+    return "IPv6" in (spec.get("ipFamilies") or [])
 CA_PORT = 15012   # Istio's CA (istiod) port
 
 
@@ -278,7 +312,8 @@ def implicit_objects(objs: Iterable[dict], existing: Iterable[dict] = ()) -> lis
     return out
 
 
-def node_object(name: str, address: str, subnet: str, given: dict | None = None) -> dict:
+def node_object(name: str, address: str, subnet: str, given: dict | None = None,
+                subnet6: str | None = None, address6: str | None = None) -> dict:
     """The ``Node`` object the lab writes (merged over one the manifest gave)."""
     node = copy.deepcopy(given) if given else {"apiVersion": "v1", "kind": "Node",
                                                 "metadata": {"name": name}}
@@ -286,9 +321,10 @@ def node_object(name: str, address: str, subnet: str, given: dict | None = None)
     meta.setdefault("labels", {})["kubernetes.io/hostname"] = name
     spec = node.setdefault("spec", {})
     spec["podCIDR"] = subnet
-    spec["podCIDRs"] = [subnet]
+    spec["podCIDRs"] = [subnet] + ([subnet6] if subnet6 else [])
     status = node.setdefault("status", {})
     status["addresses"] = [{"type": "InternalIP", "address": address},
+                           *([{"type": "InternalIP", "address": address6}] if address6 else []),
                            {"type": "Hostname", "address": name}]
     return node
 

@@ -102,6 +102,10 @@ class NetworkBuilder:
                         "gateway": model.pod_gateway(slot, i),
                         "wire_port": f"n{i}", "ready": False,
                     }
+                    if self.settings.dual_stack:
+                        n.update(underlay_ip6=model.underlay_ip6(slot, i),
+                                 pod_subnet6=model.pod_subnet6(slot, i),
+                                 gateway6=model.pod_gateway6(slot, i))
             if n["ready"]:
                 return
             self.build_node(node, n, rec["wire"]["netns"])
@@ -133,10 +137,14 @@ class NetworkBuilder:
                 w.link("set", index=port, master=w.link_lookup(ifname=WIRE_BRIDGE)[0], state="up")
         finally:
             os.close(fd)
+        if n.get("underlay_ip6"):
+            sysops.setup_ipv6(path)   # before eth0 gets its address: no DAD
         with IPRoute(netns=n["netns"]) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             eth0 = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth0, address=n["underlay_ip"], prefixlen=model.UNDERLAY_PREFIXLEN)
+            if n.get("underlay_ip6"):
+                ipr.addr("add", index=eth0, address=n["underlay_ip6"], prefixlen=model.UNDERLAY6_PREFIXLEN)
             ipr.link("set", index=eth0, state="up")
         sysops.enable_ip_forward(path)
         for d in (st.node_dir(node), st.conflist_path(node).parent, st.ipam_dir(node)):
@@ -146,16 +154,22 @@ class NetworkBuilder:
 
         def mutate(items: list[dict]) -> None:
             given = model.find(items, "Node", "", node)   # keep labels of a rebuilt node
-            model.upsert(items, model.node_object(node, n["underlay_ip"], n["pod_subnet"], given))
+            model.upsert(items, model.node_object(node, n["underlay_ip"], n["pod_subnet"], given,
+                                                  n.get("pod_subnet6"), n.get("underlay_ip6")))
         st.update_state(mutate)
 
     def conflist(self, node: str, n: dict) -> dict:
         st, cfg = self.store, self.settings
+        ranges: list[list[dict]] = [[{"subnet": n["pod_subnet"]}]]
+        routes: list[dict] = [{"dst": "0.0.0.0/0"}]
+        if n.get("pod_subnet6"):
+            ranges.append([{"subnet": n["pod_subnet6"]}])
+            routes.append({"dst": "::/0"})
         plugins: list[dict] = [{
             "type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
             "hairpinMode": True,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": n["pod_subnet"]}]],
-                     "routes": [{"dst": "0.0.0.0/0"}], "dataDir": str(st.ipam_dir(node))},
+            "ipam": {"type": "host-local", "ranges": ranges,
+                     "routes": routes, "dataDir": str(st.ipam_dir(node))},
         }]
         if cfg.ambient_cni:
             plugins.append({"type": "ambient-cni", "agent_socket": st.agent_socket(node),
@@ -176,3 +190,5 @@ class NetworkBuilder:
                 for other, o in ready.items():
                     if other != name:
                         ipr.route("replace", dst=o["pod_subnet"], gateway=o["underlay_ip"])
+                        if n.get("underlay_ip6") and o.get("pod_subnet6") and o.get("underlay_ip6"):
+                            ipr.route("replace", dst=o["pod_subnet6"], gateway=o["underlay_ip6"])

@@ -48,6 +48,7 @@ class LabSettings:
     agent_command: list[str] = field(default_factory=list)
     ca: bool = True
     agent_grace: float = 5.0     # SIGTERM, then SIGKILL after this many seconds
+    dual_stack: bool = False     # nodes created afterwards also get IPv6 (lab/model.py)
 
 
 def now() -> str:

@@ -109,6 +109,26 @@ def enable_ip_forward(path: str) -> None:
         raise OSError(f"could not enable ip_forward in {path}")
 
 
+def setup_ipv6(path: str, forward: bool = True) -> None:
+    """accept_dad=0 (and with ``forward`` forwarding=1) for IPv6 in the namespace at ``path``.
+
+    DAD off: the lab's addresses are unique by construction, and a
+    tentative address would make the first seconds of a dual-stack pod fail.
+    """
+    def write() -> str:
+        keys = [("conf/all/accept_dad", "0"), ("conf/default/accept_dad", "0")]
+        if forward:
+            keys.append(("conf/all/forwarding", "1"))
+        for key, value in keys:
+            with open(f"/proc/sys/net/ipv6/{key}", "w") as f:
+                f.write(value)
+        with open("/proc/sys/net/ipv6/conf/all/forwarding") as f:
+            return f.read().strip()
+
+    if run_in_netns(path, write) != ("1" if forward else "0"):
+        raise OSError(f"could not set up IPv6 in {path}")
+
+
 def child_setup(netns_fd: int | None = None, cgroup_dir: str | None = None,
                 then: Callable[[], object] | None = None) -> Callable[[], None]:
     """A ``preexec_fn`` that puts the new process into a cgroup and a netns.

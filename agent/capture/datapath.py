@@ -18,7 +18,9 @@ Everything is pinned so that:
 Pin layout (``pin_dir``)::
 
     pod_config pending_dst orig_dst inbound_config listeners capture_stats   maps
+    dns_orig
     prog_connect4 prog_connect6 prog_sockops                                 cgroup programs
+    prog_sendmsg4 prog_sendmsg6 prog_recvmsg4 prog_recvmsg6                  (DNS, bpf/dns.c)
     prog_sk_lookup                                                           sk_lookup program
     link_<netns cookie>                                                      sk_lookup links
     <pin>_staged<pid>                                                        a loader's, until renamed
@@ -48,24 +50,27 @@ from agent.capture import bpfsys
 log = logging.getLogger(__name__)
 
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
-BPF_SOURCES = ("stats.c", "connect.c", "sockops.c", "sk_lookup.c")
+BPF_SOURCES = ("stats.c", "dns.c", "connect.c", "sockops.c", "sk_lookup.c")
 DEFAULT_CGROUP = "/sys/fs/cgroup/unified"
 BPFFS = "/sys/fs/bpf"
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 HBONE_PORT = 15008
+DNS_PORT = 15053
 AGENT_MARK = 0x539
 
 LISTENER_INBOUND = 0
 LISTENER_HBONE = 1
 POD_IPV4 = 1
 POD_IPV6 = 2
+POD_DNS = 4
 
 STATS = ("outbound_captured", "outbound_exempt_mark", "inbound_captured",
-         "inbound_no_listener", "inbound_probe", "orig_dst_recorded")
+         "inbound_no_listener", "inbound_probe", "orig_dst_recorded", "dns_udp_captured",
+         "dns_tcp_captured")
 
-MAPS = ("pod_config", "pending_dst", "orig_dst", "inbound_config", "listeners", "capture_stats")
+MAPS = ("pod_config", "pending_dst", "orig_dst", "inbound_config", "listeners", "capture_stats", "dns_orig")
 SK_LOOKUP_PIN = "prog_sk_lookup"
 
 # The loader gets this long: it takes about 0.8 s on an idle 2-core machine,
@@ -78,6 +83,11 @@ CGROUP_PROGRAMS = (
     ("prog_connect4", "ambient_connect4", 18, bpfsys.BPF_CGROUP_INET4_CONNECT),
     ("prog_connect6", "ambient_connect6", 18, bpfsys.BPF_CGROUP_INET6_CONNECT),
     ("prog_sockops", "ambient_sockops", 13, bpfsys.BPF_CGROUP_SOCK_OPS),
+    # DNS capture (bpf/dns.c): UDP queries to port 53, and their replies' source.
+    ("prog_sendmsg4", "ambient_sendmsg4", 18, bpfsys.BPF_CGROUP_UDP4_SENDMSG),
+    ("prog_sendmsg6", "ambient_sendmsg6", 18, bpfsys.BPF_CGROUP_UDP6_SENDMSG),
+    ("prog_recvmsg4", "ambient_recvmsg4", 18, bpfsys.BPF_CGROUP_UDP4_RECVMSG),
+    ("prog_recvmsg6", "ambient_recvmsg6", 18, bpfsys.BPF_CGROUP_UDP6_RECVMSG),
 )
 
 
@@ -327,9 +337,14 @@ class CaptureDatapath:
             bpfsys.map_delete(self._maps["listeners"],
                               ListenerKey(family, (ctypes.c_uint32 * 4)(*words), kind))
 
-    def set_outbound(self, cookie: int, ips: list[str]) -> None:
-        """Start capturing the pod's outbound connects (the switch that makes it enrolled)."""
+    def set_outbound(self, cookie: int, ips: list[str], dns: bool = False) -> None:
+        """Start capturing the pod's outbound connects (the switch that makes it enrolled).
+
+        ``dns``: also steer its port-53 queries to the DNS listener (``DNS_PORT``).
+        """
         cfg = PodConfig()
+        if dns:
+            cfg.flags |= POD_DNS
         for ip in ips:
             family, words = _ip_words(ip)
             if family == socket.AF_INET:

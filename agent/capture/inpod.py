@@ -5,7 +5,9 @@ For each enrolled pod the agent holds, inside the pod's namespace:
 * outbound 127.0.0.1:15001 (and [::1]:15001 when the pod has IPv6
   loopback), where connect4/6 send the pod's outbound connections;
 * inbound 127.0.0.1:15006 (plaintext) and 127.0.0.1:15008 (HBONE), where
-  sk_lookup hands connections arriving at the pod's addresses.
+  sk_lookup hands connections arriving at the pod's addresses; and for a
+  pod with IPv6 loopback the same two on [::1], for its IPv6 addresses
+  (``bpf_sk_assign`` only hands a connection to a socket of its family).
 
 Inbound listeners are bound to loopback on purpose: they are reachable only
 through sk_lookup steering, so when the agent is gone they disappear from
@@ -31,9 +33,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.capture.datapath import (
+    DNS_PORT,
     HBONE_PORT,
     INBOUND_PORT,
     LISTENER_HBONE,
@@ -61,9 +64,26 @@ class PodListeners:
     outbound: list[socket.socket]
     inbound: socket.socket
     hbone: socket.socket
+    inbound6: socket.socket | None = None    # [::1]:15006, when the pod has IPv6
+    hbone6: socket.socket | None = None      # [::1]:15008
+    # DNS (UDP and TCP on 127.0.0.1 and [::1] port 15053), when the node captures
+    # DNS; dns_enabled: this pod's queries are steered to them (set before enable()).
+    dns: list[socket.socket] = field(default_factory=list)
+    dns_enabled: bool = False
 
     def all(self) -> list[socket.socket]:
-        return [*self.outbound, self.inbound, self.hbone]
+        return [*self.outbound, self.inbound, self.hbone,
+                *(s for s in (self.inbound6, self.hbone6) if s is not None), *self.dns]
+
+    def for_ip(self, ip: str) -> tuple[socket.socket, socket.socket]:
+        """(inbound, hbone) listeners that connections to ``ip`` are handed to.
+
+        An IPv6 address in a pod without IPv6 listeners gets the IPv4 ones:
+        sk_assign then fails and sk_lookup drops (fail closed, never bypass).
+        """
+        if ":" in ip and self.inbound6 is not None and self.hbone6 is not None:
+            return self.inbound6, self.hbone6
+        return self.inbound, self.hbone
 
 
 def _listen(family: int, addr: str, port: int) -> socket.socket:
@@ -132,11 +152,53 @@ def _open_listeners(proc_dirs: tuple[str, ...] = ("/proc",)
     return made[:-2], inbound, hbone, migration
 
 
+def _open_listeners6() -> tuple[socket.socket | None, socket.socket | None]:
+    """[::1]:15006 and [::1]:15008, or (None, None) without IPv6 loopback (netns thread)."""
+    try:
+        inbound6 = _listen(socket.AF_INET6, "::1", INBOUND_PORT)
+    except OSError as exc:
+        log.debug("no IPv6 inbound listeners: %s", exc)
+        return None, None
+    try:
+        return inbound6, _listen(socket.AF_INET6, "::1", HBONE_PORT)
+    except OSError:
+        inbound6.close()
+        raise
+
+
+def _open_dns() -> list[socket.socket]:
+    """The DNS listeners: UDP and TCP on 127.0.0.1:15053, and on [::1] when there (netns thread)."""
+    made: list[socket.socket] = []
+    try:
+        for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                udp.bind((addr, DNS_PORT))
+                udp.setblocking(False)
+            except OSError as exc:
+                udp.close()
+                if family == socket.AF_INET6:
+                    log.debug("no IPv6 DNS listener: %s", exc)
+                    break
+                raise
+            made.append(udp)
+            made.append(_listen(family, addr, DNS_PORT))
+    except OSError:
+        for sock in made:
+            sock.close()
+        raise
+    return made
+
+
 class InPodCapture:
     """Turns pods' capture on and off; owns their listeners."""
 
     def __init__(self, datapath: CaptureDatapath, switcher: NetnsSwitcher,
-                 host_proc: str = "/proc") -> None:
+                 host_proc: str = "/proc", dns: bool = False) -> None:
+        self.dns = dns       # open DNS listeners (the node's --dns-capture)
         self.datapath = datapath
         self.switcher = switcher
         self.host_proc = host_proc   # for open_netns: the node's namespace is never a pod's
@@ -157,21 +219,36 @@ class InPodCapture:
         except OSError as exc:
             os.close(netns_fd)
             raise OSError(exc.errno, f"open listeners in {netns_path}: {exc.strerror}") from None
+        try:
+            inbound6, hbone6 = self.switcher.run(netns_fd, _open_listeners6)
+        except OSError as exc:
+            for sock in (*outbound, inbound, hbone):
+                sock.close()
+            os.close(netns_fd)
+            raise OSError(exc.errno, f"open IPv6 listeners in {netns_path}: {exc.strerror}") from None
         if migration is not None:
             # Capture does not depend on it; only an upgrade of the agent
             # would reset the connections then waiting in the old listeners.
             log.warning("network namespace %s: cannot set net.ipv4.tcp_migrate_req=1 (%s); an agent "
                         "upgrade may reset connections still queued in its listeners", netns_path, migration)
-        return PodListeners(netns_fd, netns_cookie(inbound), outbound, inbound, hbone)
+        dns: list[socket.socket] = []
+        if self.dns:
+            try:
+                dns = self.switcher.run(netns_fd, _open_dns)
+            except OSError as exc:
+                # The pod's DNS then stays uncaptured (POD_DNS unset); its TCP is captured.
+                log.warning("network namespace %s: no DNS listeners, DNS not captured: %s", netns_path, exc)
+        return PodListeners(netns_fd, netns_cookie(inbound), outbound, inbound, hbone, inbound6, hbone6, dns)
 
     def enable(self, listeners: PodListeners, ips: list[str], probe_sources: list[str]) -> None:
         dp = self.datapath
         for ip in ips:
-            dp.set_listener(ip, LISTENER_INBOUND, listeners.inbound)
-            dp.set_listener(ip, LISTENER_HBONE, listeners.hbone)
+            inbound, hbone = listeners.for_ip(ip)
+            dp.set_listener(ip, LISTENER_INBOUND, inbound)
+            dp.set_listener(ip, LISTENER_HBONE, hbone)
             dp.set_inbound(ip, probe_sources)
         dp.attach_netns(listeners.cookie, listeners.netns_fd)
-        dp.set_outbound(listeners.cookie, ips)
+        dp.set_outbound(listeners.cookie, ips, dns=listeners.dns_enabled and bool(listeners.dns))
 
     def disable(self, cookie: int, ips: list[str]) -> None:
         dp = self.datapath

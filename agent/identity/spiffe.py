@@ -126,6 +126,22 @@ def service_account_of(spec) -> str:
     return DEFAULT_SERVICE_ACCOUNT
 
 
+def workload_entry_account(spec) -> str:
+    """The service account of an Istio WorkloadEntry (or a ServiceEntry's inline
+    endpoint, the same schema): ``spec.serviceAccount``, ``""`` when absent.
+
+    Not a pod's rule: no ``default`` fallback, because a WorkloadEntry without
+    one has no mesh identity (it is reached in plaintext).
+    IdentityError when it is set but not a string (a broken object).
+    """
+    value = spec.get("serviceAccount") if isinstance(spec, dict) else None
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise IdentityError(f"serviceAccount is a {type(value).__name__}, not a string")
+    return value
+
+
 def identity_of_pod(pod: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> WorkloadIdentity:
     """The identity a pod (a wire object) runs as: its namespace and ``service_account_of``.
 

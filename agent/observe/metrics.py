@@ -420,6 +420,9 @@ class AgentMetrics:
             ["identity"], registry=registry)
         self.ca_requests = Counter("ambient_agent_ca_requests", "Certificate requests to the CA by result",
                                    ["result"], registry=registry)
+        self.dns_queries = Counter("ambient_agent_dns_queries", "DNS queries of captured pods by outcome "
+                                   "(local, nodata, forwarded, servfail, formerr, ...)", ["outcome"],
+                                   registry=registry)
         self.state_sync_ok = Gauge("ambient_agent_state_sync_ok",
                                    "1 if the last cluster state load succeeded, else 0", registry=registry)
         # Deprecated (issue 12): reads 0 before the first sync. Kept for one release.
@@ -470,6 +473,10 @@ class AgentMetrics:
     def set_listeners(self, counts: Mapping[str, int]) -> None:
         for kind, n in counts.items():
             self.listeners.labels(kind).set(n)
+
+    def dns_query(self, outcome: str) -> None:
+        """``outcome``: a bounded word from the DNS proxy (agent/dns)."""
+        self.dns_queries.labels(outcome or UNKNOWN).inc()
 
     def ca_request(self, result: str) -> None:
         """``result``: a bounded word such as ``ok``, ``error``, ``timeout``, ``denied``."""

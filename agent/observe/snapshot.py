@@ -60,6 +60,7 @@ class NodeSnapshot:
     trust_bundle: dict | None
     policy_rejections: tuple[str, ...] = ()
     policy_reports: tuple[str, ...] = ()
+    dns: dict = field(default_factory=dict)   # the DNS proxy: setting and per-pod query counters
 
     def status(self) -> dict:
         """The control socket's ``status`` answer (``ambient-agent status``)."""
@@ -74,7 +75,7 @@ class NodeSnapshot:
                 "capture": self.capture_counters,
                 "hbone_pool": {"connections": self.hbone_connections, "opened": self.hbone_opened},
                 "certificates": list(self.certificates),
-                "trust_bundle": self.trust_bundle}
+                "trust_bundle": self.trust_bundle, "dns": self.dns}
 
     def config_dump(self) -> dict:
         """Everything the agent believes, for /config_dump (no private keys: none are in a snapshot)."""
@@ -100,4 +101,5 @@ class NodeSnapshot:
             "bpf": {"pin_dir": self.pin_dir, "cgroup": self.cgroup, "attached": self.bpf_attached,
                     "netns_captured": list(self.netns_captured) if self.bpf_attached else [],
                     "counters": self.capture_counters if self.bpf_attached else {}},
+            "dns": self.dns,
         }

@@ -117,8 +117,11 @@ class PodProxy:
     def start(self) -> None:
         for sock in self.listeners.outbound:
             self._accepting.append(asyncio.ensure_future(self._accept(sock, self._outbound)))
-        self._accepting.append(asyncio.ensure_future(self._accept(self.listeners.inbound, self._inbound)))
-        self._accepting.append(asyncio.ensure_future(self._accept(self.listeners.hbone, self._hbone)))
+        for inbound, hbone_sock in ((self.listeners.inbound, self.listeners.hbone),
+                                    (self.listeners.inbound6, self.listeners.hbone6)):
+            if inbound is not None and hbone_sock is not None:   # the IPv6 pair may be absent
+                self._accepting.append(asyncio.ensure_future(self._accept(inbound, self._inbound)))
+                self._accepting.append(asyncio.ensure_future(self._accept(hbone_sock, self._hbone)))
 
     async def stop_accepting(self) -> None:
         for task in self._accepting:
@@ -160,7 +163,7 @@ class PodProxy:
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
-            if listener is not self.listeners.hbone:
+            if listener is not self.listeners.hbone and listener is not self.listeners.hbone6:
                 # An application's connection: from accept on, a close by the
                 # kernel (the agent died) resets it instead of ending it with a
                 # FIN that the application could take for a complete stream.
@@ -289,7 +292,7 @@ class PodProxy:
     async def _outbound(self, conn: socket.socket, peer) -> None:
         # The application's own address: its socket is bound to the pod's IP
         # unless it talked to loopback, which is never captured.
-        source = (self.pod_ips[0] if self.pod_ips else peer[0], peer[1])
+        source = (_same_family(self.pod_ips, peer[0]), peer[1])
         own = self._own_pod()
         result = self._result("outbound", "TCP", self.counters.outbound, source,
                               labels=self._labels("source", own, self.identity, None, None))
@@ -542,6 +545,13 @@ def _with_service_host(headers: list[tuple[str, str]], service: str, domain: str
     ns, _, name = service.partition("/")
     host = service_hostname(ns, name, domain)
     return [(k, forwarded_with_host(v, host)) if k == "forwarded" else (k, v) for k, v in headers]
+
+
+def _same_family(pod_ips: list[str], peer_ip: str) -> str:
+    """The pod's first address of ``peer_ip``'s family (an IPv6 connection's
+    peer on [::1]:15001 is ::1, not the pod's IPv4 address); else ``peer_ip``."""
+    v6 = ":" in peer_ip
+    return next((ip for ip in pod_ips if (":" in ip) == v6), peer_ip)
 
 
 def _forwarded_for(value: str) -> tuple[str, int] | None:

@@ -7,6 +7,12 @@
   the Service's EndpointSlices when it has any (what a real cluster
   provides, and all kube-proxy looks at); otherwise from the Pods its
   selector matches (Running, with an address), for states without slices.
+* An address of a ServiceEntry (``spec.addresses`` or an auto-allocated
+  virtual IP, ``agent/state/serviceentry.py``): ``resolution: STATIC``
+  picks one of its endpoints (inline ``endpoints``, or the Pods and
+  WorkloadEntries its ``workloadSelector`` matches), over HBONE when that
+  endpoint is meshed; ``DNS`` and ``NONE`` pass through to the original
+  destination.
 * Anything else: passthrough, plain TCP to the original destination.
 """
 
@@ -15,8 +21,10 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from agent.enrol.rule import decide
-from agent.state.model import ClusterState, Pod, Service
+from agent.enrol.rule import DATAPLANE_MODE_LABEL, MODE_AMBIENT, decide
+from agent.identity.spiffe import IdentityError, WorkloadIdentity
+from agent.state import serviceentry
+from agent.state.model import ClusterState, Pod, Service, ServiceEntry, WorkloadSpec
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,68 @@ def _selector_route(state: ClusterState, svc: Service, ip: str, svc_port: dict,
     return _pod_route(state, chosen, addr, target, trust_domain, service)
 
 
+# -- ServiceEntry destinations ---------------------------------------------------
+
+def workload_meshed(spec: WorkloadSpec) -> bool:
+    """A WorkloadEntry (or inline endpoint) speaks HBONE when it runs as a service
+    account and carries the ambient label (``istio.io/dataplane-mode=ambient``)."""
+    return bool(spec.service_account) and spec.labels.get(DATAPLANE_MODE_LABEL) == MODE_AMBIENT
+
+
+def _workload_uri(trust_domain: str, namespace: str, service_account: str) -> str:
+    try:
+        return WorkloadIdentity(trust_domain, namespace, service_account).uri
+    except IdentityError:        # no certificate will carry it: the check fails, as for pods
+        return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def _entry_candidates(state: ClusterState, entry: ServiceEntry,
+                      v6: bool) -> list[tuple[str, WorkloadSpec | None, Pod | None]]:
+    """(address, WorkloadSpec or None, Pod or None) for each endpoint of a STATIC entry."""
+    out: list[tuple[str, WorkloadSpec | None, Pod | None]] = []
+    if entry.workload_selector is None:
+        for spec in entry.endpoints:
+            out.append((spec.address, spec, None))
+        return out
+    selector = entry.workload_selector
+    for pod in state.pod_views_in_namespace(entry.namespace):
+        if pod.ready and all(pod.labels.get(k) == v for k, v in selector.items()):
+            out.append((next((a for a in pod.ips if (":" in a) == v6), pod.ips[0]), None, pod))
+    for (ns, _), we in sorted(state.workload_entry_views.items()):
+        if ns == entry.namespace and all(we.labels.get(k) == v for k, v in selector.items()):
+            out.append((we.address, we.spec, None))
+    return out
+
+
+def _service_entry_route(state: ClusterState, entry: ServiceEntry, host: str, ip: str, port: int,
+                         trust_domain: str, salt: int) -> Route:
+    where = f"ServiceEntry {entry.namespace}/{entry.name} ({host})"
+    if entry.resolution != "STATIC":
+        # DNS: the application resolved the host itself (the DNS proxy does not
+        # answer for these) and connected to the real address; NONE: the same.
+        return Route("passthrough", ip, port, reason=f"{where}: resolution {entry.resolution}")
+    se_port = entry.port(port)
+    if se_port is None and entry.ports:
+        return Route("no-endpoint", ip, port, reason=f"{where} has no TCP port {port}")
+    candidates = _entry_candidates(state, entry, ":" in ip)
+    if not candidates:
+        return Route("no-endpoint", ip, port, reason=f"{where} has no endpoint")
+    # Sorted, so the choice depends on the salt alone, not on input order.
+    address, spec, pod = _pick(sorted(candidates, key=lambda c: c[0]), salt)
+    # Istio: the endpoint's port named like the service port, else targetPort, else the port.
+    target = port
+    if se_port is not None:
+        target = (spec.ports.get(se_port.name) if spec is not None and se_port.name else None) \
+            or se_port.target_port or port
+    if spec is not None and workload_meshed(spec):
+        return Route("hbone", address, target, _workload_uri(trust_domain, entry.namespace, spec.service_account),
+                     reason=where)
+    pod = pod or state.pod_view_by_ip(address)
+    if pod is not None:
+        return _pod_route(state, pod, address, target, trust_domain)
+    return Route("passthrough", address, target, reason=f"{where}: endpoint is not in the mesh")
+
+
 def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: int = 0) -> Route:
     pod = state.pod_view_by_ip(ip)      # never a hostNetwork pod: they share the node's address
     if pod is not None:
@@ -209,4 +279,7 @@ def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: in
         if slices:
             return _slice_route(state, ns, slices, ip, svc_port, trust_domain, salt, service)
         return _selector_route(state, svc, ip, svc_port, trust_domain, salt, service)
+    entry = serviceentry.entry_for_ip(state, ip)
+    if entry is not None:
+        return _service_entry_route(state, *entry, ip, port, trust_domain, salt)
     return Route("passthrough", ip, port, reason="destination outside the cluster")

@@ -5,8 +5,10 @@ Same contract as ``agent/state/file.py``'s ``FileStateSource`` (``load()``,
 model, two sources. Watched kinds (``AGENT_KINDS``; the CA watches only
 pods, ``CA_KINDS``; Nodes are available with ``kinds=``): Namespaces, Pods
 (every node: the data path resolves destination pods by IP), Services,
-EndpointSlices, and Istio's AuthorizationPolicy and PeerAuthentication
-(security.istio.io v1, falling back to v1beta1; both answering 404 means the
+EndpointSlices, Istio's AuthorizationPolicy and PeerAuthentication
+(security.istio.io v1, falling back to v1beta1) and ServiceEntry and
+WorkloadEntry (networking.istio.io v1, then v1beta1, then v1alpha3); every
+version answering 404 means the
 CRDs are not installed, which is not an error: the kind counts as synced and
 empty and is tried again every ``crd_retry_interval`` seconds, so CRDs
 installed later are picked up). Any other refusal (403 from missing RBAC)
@@ -84,6 +86,7 @@ MEMORY_PER_10K_PODS = ("about 80 MiB RSS for 10,000 pods (measured 77-83 MiB, ~8
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 ISTIO_SECURITY = "security.istio.io"
+ISTIO_NETWORKING = "networking.istio.io"
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 
 
@@ -176,6 +179,8 @@ KNOWN_KINDS = (
     WatchedKind("endpointslices", "EndpointSlice", "discovery.k8s.io", ("v1",)),
     WatchedKind("authorizationpolicies", "AuthorizationPolicy", ISTIO_SECURITY, ("v1", "v1beta1"), True),
     WatchedKind("peerauthentications", "PeerAuthentication", ISTIO_SECURITY, ("v1", "v1beta1"), True),
+    WatchedKind("serviceentries", "ServiceEntry", ISTIO_NETWORKING, ("v1", "v1beta1", "v1alpha3"), True),
+    WatchedKind("workloadentries", "WorkloadEntry", ISTIO_NETWORKING, ("v1", "v1beta1", "v1alpha3"), True),
 )
 _BY_NAME = {k.name: k for k in KNOWN_KINDS}
 
@@ -183,7 +188,7 @@ _BY_NAME = {k.name: k for k in KNOWN_KINDS}
 # agent code reads them, and the chart's RBAC does not grant them (a kind
 # the API forbids never syncs, and the source would never be ready).
 AGENT_KINDS = ("namespaces", "pods", "services", "endpointslices", "authorizationpolicies",
-               "peerauthentications")
+               "peerauthentications", "serviceentries", "workloadentries")
 # What the CA reads: the pods on the caller's node.
 CA_KINDS = ("pods",)
 WATCHED_KINDS = tuple(_BY_NAME[n] for n in AGENT_KINDS)

@@ -31,6 +31,7 @@ damage are treated differently, on purpose:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
-from agent.identity.spiffe import IdentityError, WorkloadIdentity, service_account_of
+from agent.identity.spiffe import IdentityError, WorkloadIdentity, service_account_of, workload_entry_account
 
 # Kubernetes puts an object without metadata.namespace in "default". (The
 # CNI plugin's rule, agent/enrol/rule.py, keeps its own copy of the value:
@@ -88,6 +89,13 @@ class ClusterState:
     _all_views: bool = field(default=False, repr=False)
     _in_namespace: dict[str, list[Pod]] = field(default_factory=dict, repr=False)
     _selected: dict[tuple[str, str], list[Pod]] = field(default_factory=dict, repr=False)
+    # Istio networking: ServiceEntry and WorkloadEntry views by (namespace,
+    # name), built with the state; malformed ones are left out (``errors``).
+    service_entry_views: dict[tuple[str, str], ServiceEntry] = field(default_factory=dict, repr=False)
+    workload_entry_views: dict[tuple[str, str], WorkloadEntry] = field(default_factory=dict, repr=False)
+    # Facts other pure modules derive once per state, keyed by their module
+    # (``agent/state/serviceentry.py``: the allocated virtual IPs).
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_items(cls, items, resource_version: str = "") -> ClusterState:
@@ -139,6 +147,7 @@ class ClusterState:
         for svc in self.service_views.values():
             for ip in svc.cluster_ips:
                 self._service_by_ip.setdefault(ip, svc)     # the first Service with an address has it
+        self._index_istio_networking()
         # Only pods that own their address: a hostNetwork pod's IP is its
         # node's (shared by every such pod there), and a terminated pod's
         # IP may already belong to another pod. Otherwise the first pod to
@@ -151,6 +160,24 @@ class ClusterState:
                 other = self._by_ip.setdefault(ip, key)
                 if other != key:
                     self.errors.append(f"Pod {key[0]}/{key[1]}: IP {ip} is already Pod {other[0]}/{other[1]}'s")
+
+    def _index_istio_networking(self) -> None:
+        for obj in self.others:
+            kind = obj["kind"]
+            if kind not in ("ServiceEntry", "WorkloadEntry") or api_group_of(obj) != ISTIO_NETWORKING:
+                continue
+            meta = obj["metadata"]
+            where = f"{kind} {meta.get('namespace') or DEFAULT_NAMESPACE}/{meta['name']}"
+            problem = ServiceEntry.problem(obj) if kind == "ServiceEntry" else WorkloadEntry.problem(obj)
+            if problem:
+                # Ignored, never fatal: one bad entry must not stop routing.
+                self.errors.append(f"{where}: {problem} (ignored)")
+            elif kind == "ServiceEntry":
+                entry = ServiceEntry.from_dict(obj)
+                self.service_entry_views[entry.key] = entry
+            else:
+                workload = WorkloadEntry.from_dict(obj)
+                self.workload_entry_views[workload.key] = workload
 
     # -- queries -------------------------------------------------------------
 
@@ -571,6 +598,269 @@ class Service:
 def _is_tcp(port: Mapping) -> bool:
     # Both Service and EndpointSlice ports default their protocol to TCP.
     return (port.get("protocol") or "TCP") == "TCP"
+
+
+# -- Istio networking: ServiceEntry, WorkloadEntry -----------------------------
+#
+# networking.istio.io; Istio serves the same schema as v1, v1beta1 and
+# v1alpha3. Unlike the views above, these are validated when the state is
+# built (``problem``): an entry that Istio's validation would reject is left
+# out with a reason in ``ClusterState.errors``, so routing never meets one.
+
+ISTIO_NETWORKING = "networking.istio.io"
+ISTIO_NETWORKING_VERSIONS = ("v1", "v1beta1", "v1alpha3")
+SE_RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN")
+SE_LOCATIONS = ("MESH_EXTERNAL", "MESH_INTERNAL")
+# A DNS label (RFC 1123, lower case after normalising), and a host: labels
+# joined by dots, optionally after a leading "*." (or "*" alone: any host).
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def normalise_host(name: str) -> str:
+    """``Foo.Example.COM.`` -> ``foo.example.com``: how hosts are compared."""
+    return name.strip().rstrip(".").lower()
+
+
+def _host_problem(host) -> str:
+    if not isinstance(host, str) or not host:
+        return "a host is not a non-empty string"
+    name = normalise_host(host)
+    if name == "*":
+        return ""
+    labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        return f"host {host!r} is not a DNS name (or *.<DNS name>)"
+    return ""
+
+
+def _ip_or_cidr(value) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return None
+
+
+def _is_ip(value) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _version_problem(obj: dict) -> str:
+    version = obj.get("apiVersion")
+    if not isinstance(version, str) or version.rpartition("/")[2] not in ISTIO_NETWORKING_VERSIONS:
+        return f"apiVersion {version!r} is not {ISTIO_NETWORKING}/{'|'.join(ISTIO_NETWORKING_VERSIONS)}"
+    return ""
+
+
+def _labels_problem(value, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in value.items()):
+        return f"{what} is not a map of strings"
+    return ""
+
+
+def _port_map_problem(value, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536
+            for k, v in value.items()):
+        return f"{what} is not a map of port names to numbers"
+    return ""
+
+
+def _workload_problem(spec: dict, what: str, need_address: bool) -> str:
+    """A WorkloadEntry spec, or a ServiceEntry's inline endpoint (the same schema)."""
+    address = spec.get("address")
+    if address is not None and not isinstance(address, str):
+        return f"{what}.address is not a string"
+    if need_address and not address:
+        return f"{what} has no address"
+    if spec.get("network") is not None and not isinstance(spec["network"], str):
+        return f"{what}.network is not a string"
+    try:
+        workload_entry_account(spec)
+    except IdentityError as exc:
+        return f"{what}: {exc}"
+    return (_labels_problem(spec.get("labels"), f"{what}.labels")
+            or _port_map_problem(spec.get("ports"), f"{what}.ports"))
+
+
+class ServicePortSpec(NamedTuple):
+    """One ``spec.ports`` entry of a ServiceEntry."""
+
+    number: int
+    name: str
+    protocol: str
+    target_port: int | None
+
+
+class WorkloadSpec(NamedTuple):
+    """A WorkloadEntry's spec, or a ServiceEntry's inline endpoint (same schema)."""
+
+    address: str
+    labels: Mapping[str, str]
+    service_account: str
+    network: str
+    ports: Mapping[str, int]
+
+
+def _workload_spec(spec: dict) -> WorkloadSpec:
+    return WorkloadSpec(_str(spec.get("address")), _frozen_map(spec.get("labels")),
+                        workload_entry_account(spec), _str(spec.get("network")),
+                        _frozen_map(spec.get("ports")))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ServiceEntry:
+    """A validated ServiceEntry. ``raw`` is the wire object; hosts are normalised
+    (lower case, no trailing dot); ``addresses`` are IPs or CIDRs as written."""
+
+    raw: dict = field(repr=False)
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    addresses: tuple[str, ...]
+    ports: tuple[ServicePortSpec, ...] = field(repr=False)
+    location: str
+    resolution: str
+    endpoints: tuple[WorkloadSpec, ...] = field(repr=False)
+    # None without workloadSelector; {} would select every workload.
+    workload_selector: Mapping[str, str] | None = field(repr=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @staticmethod
+    def problem(obj: dict) -> str:
+        """Why Istio would reject ``obj`` (the checks routing relies on), or ``""``."""
+        problem = _version_problem(obj)
+        if problem:
+            return problem
+        spec = obj.get("spec")
+        if not isinstance(spec, dict):
+            return "no spec"
+        hosts = spec.get("hosts")
+        if not isinstance(hosts, list) or not hosts:
+            return "spec.hosts is empty or not a list"
+        for host in hosts:
+            if problem := _host_problem(host):
+                return problem
+        addresses = spec.get("addresses") or []
+        if not isinstance(addresses, list) or not all(_ip_or_cidr(a) for a in addresses):
+            return "spec.addresses holds something other than IPs and CIDRs"
+        ports = spec.get("ports") or []
+        if not isinstance(ports, list):
+            return "spec.ports is not a list"
+        for p in ports:
+            number = _dict(p).get("number")
+            if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 65536:
+                return f"port {p!r}: number is not 1..65535"
+            target = p.get("targetPort")
+            if target is not None and (not isinstance(target, int) or not 0 < target < 65536):
+                return f"port {number}: targetPort is not 1..65535"
+            if p.get("name") is not None and not isinstance(p["name"], str):
+                return f"port {number}: name is not a string"
+        resolution = spec.get("resolution", "NONE")
+        if resolution not in SE_RESOLUTIONS:
+            return f"resolution {resolution!r} is not one of {', '.join(SE_RESOLUTIONS)}"
+        location = spec.get("location", "MESH_EXTERNAL")
+        if location not in SE_LOCATIONS:
+            return f"location {location!r} is not one of {', '.join(SE_LOCATIONS)}"
+        endpoints = spec.get("endpoints") or []
+        if not isinstance(endpoints, list):
+            return "spec.endpoints is not a list"
+        selector = spec.get("workloadSelector")
+        if selector is not None:
+            if endpoints:
+                return "spec.endpoints and spec.workloadSelector are mutually exclusive"
+            if not isinstance(selector, dict) or (problem := _labels_problem(
+                    selector.get("labels"), "spec.workloadSelector.labels")):
+                return problem or "spec.workloadSelector is not a map"
+        for index, endpoint in enumerate(endpoints):
+            if not isinstance(endpoint, dict):
+                return f"spec.endpoints[{index}] is not a map"
+            if problem := _workload_problem(endpoint, f"spec.endpoints[{index}]", need_address=True):
+                return problem
+            if resolution == "STATIC" and not _is_ip(endpoint["address"]):
+                return f"spec.endpoints[{index}]: resolution STATIC needs an IP, not {endpoint['address']!r}"
+        return ""
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> ServiceEntry:
+        """The view of an object that ``problem`` accepted."""
+        meta, spec = obj["metadata"], obj["spec"]
+        selector = spec.get("workloadSelector")
+        return cls(raw=obj, namespace=_str(meta.get("namespace")) or DEFAULT_NAMESPACE, name=meta["name"],
+                   hosts=tuple(dict.fromkeys(normalise_host(h) for h in spec["hosts"])),
+                   addresses=tuple(spec.get("addresses") or ()),
+                   ports=tuple(ServicePortSpec(p["number"], _str(p.get("name")),
+                                               (_str(p.get("protocol")) or "TCP").upper(), p.get("targetPort"))
+                               for p in spec.get("ports") or ()),
+                   location=spec.get("location", "MESH_EXTERNAL"), resolution=spec.get("resolution", "NONE"),
+                   endpoints=tuple(_workload_spec(e) for e in spec.get("endpoints") or ()),
+                   workload_selector=None if selector is None else _frozen_map(selector.get("labels")))
+
+    def port(self, number: int) -> ServicePortSpec | None:
+        """The entry's port ``number``. Every ServiceEntry protocol rides TCP
+        except UDP, which this agent does not route."""
+        return next((p for p in self.ports if p.number == number and p.protocol != "UDP"), None)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class WorkloadEntry:
+    """A validated WorkloadEntry: a VM or other non-pod workload. ``raw`` is the wire object."""
+
+    raw: dict = field(repr=False)
+    namespace: str
+    name: str
+    spec: WorkloadSpec
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.spec.labels
+
+    @property
+    def service_account(self) -> str:
+        return self.spec.service_account
+
+    @property
+    def network(self) -> str:
+        return self.spec.network
+
+    @staticmethod
+    def problem(obj: dict) -> str:
+        problem = _version_problem(obj)
+        if problem:
+            return problem
+        spec = obj.get("spec")
+        if not isinstance(spec, dict):
+            return "no spec"
+        # Istio allows an empty address only with a network (reached through
+        # that network's gateway); this agent has no east-west gateway.
+        return _workload_problem(spec, "spec", need_address=True)
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> WorkloadEntry:
+        meta = obj["metadata"]
+        return cls(raw=obj, namespace=_str(meta.get("namespace")) or DEFAULT_NAMESPACE, name=meta["name"],
+                   spec=_workload_spec(obj["spec"]))
 
 
 # -- parsing ------------------------------------------------------------------

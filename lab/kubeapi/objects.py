@@ -59,3 +59,17 @@ def authorization_policy(name: str, namespace: str, *, version: str = "v1", acti
 def peer_authentication(name: str, namespace: str, *, version: str = "v1", mode: str = "STRICT") -> dict:
     return {"apiVersion": f"security.istio.io/{version}", "kind": "PeerAuthentication",
             "metadata": {"name": name, "namespace": namespace}, "spec": {"mtls": {"mode": mode}}}
+
+
+def service_entry(name: str, namespace: str, hosts: list[str], *, version: str = "v1",
+                  resolution: str = "STATIC", ports: list[dict] | None = None, **spec) -> dict:
+    return {"apiVersion": f"networking.istio.io/{version}", "kind": "ServiceEntry",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"hosts": hosts, "resolution": resolution,
+                     "ports": ports if ports is not None else [{"number": 80, "name": "http", "protocol": "TCP"}],
+                     **spec}}
+
+
+def workload_entry(name: str, namespace: str, address: str, *, version: str = "v1", **spec) -> dict:
+    return {"apiVersion": f"networking.istio.io/{version}", "kind": "WorkloadEntry",
+            "metadata": {"name": name, "namespace": namespace}, "spec": {"address": address, **spec}}

@@ -35,8 +35,9 @@ What is implemented, following the Kubernetes API conventions
   ``APIVersions``/``APIGroupList``), ``/apis/<group>``, ``/api/v1`` and
   ``/apis/<group>/<version>``, with short names (po, ns, svc, no, ap, pa)
   and categories;
-* security.istio.io v1/v1beta1 resources that answer 404 (and leave
-  discovery) while the test says their CRD version is absent;
+* security.istio.io v1/v1beta1 and networking.istio.io v1/v1beta1/v1alpha3
+  (ServiceEntry ``se``, WorkloadEntry ``we``) resources that answer 404 (and
+  leave discovery) while the test says their CRD version is absent;
 * every request body is read before the answer, on error paths too, so a
   keep-alive connection never parses body bytes as the next request.
 
@@ -95,6 +96,7 @@ class Resource:
 
 
 _ISTIO_CATEGORIES = ("istio-io", "security-istio-io")
+_NETWORKING_CATEGORIES = ("istio-io", "networking-istio-io")
 # Stored and served resources. Within a group the first version listed is
 # the preferred one in discovery (v1 before v1beta1, as on a real server).
 RESOURCES = [
@@ -111,6 +113,11 @@ RESOURCES = [
              short_names=("pa",), categories=_ISTIO_CATEGORIES),
     Resource("security.istio.io", "v1beta1", "peerauthentications", "PeerAuthentication", True, True,
              short_names=("pa",), categories=_ISTIO_CATEGORIES),
+    *(Resource("networking.istio.io", version, plural, kind, True, True, short_names=(short,),
+               categories=_NETWORKING_CATEGORIES)
+      for plural, kind, short in (("serviceentries", "ServiceEntry", "se"),
+                                  ("workloadentries", "WorkloadEntry", "we"))
+      for version in ("v1", "v1beta1", "v1alpha3")),
 ]
 # Served but not stored: only listed in discovery (TokenReview is create-only).
 _DISCOVERY_ONLY = [
@@ -123,6 +130,8 @@ for _r in RESOURCES:
     _BY_KIND.setdefault(_r.plural, _r)
 
 ISTIO_GROUP = "security.istio.io"
+ISTIO_NETWORKING_GROUP = "networking.istio.io"
+NETWORKING_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 
 
 class ApiError(Exception):
@@ -298,6 +307,7 @@ class KubeApiServer:
         self._snapshots: dict[str, tuple[int, list[dict]]] = {}
         self._tokens: dict[str, TokenInfo] = {}
         self._istio_versions = {"v1", "v1beta1"}
+        self._networking_versions = set(NETWORKING_VERSIONS)
         self._watch_sockets: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -437,7 +447,15 @@ class KubeApiServer:
             return self._compacted
 
     def set_crds_present(self, present: bool) -> None:
+        """All Istio CRDs (security and networking) installed or not."""
         self.set_istio_versions({"v1", "v1beta1"} if present else set())
+        self.set_networking_versions(NETWORKING_VERSIONS if present else ())
+
+    def set_networking_versions(self, versions) -> None:
+        """Which networking.istio.io versions are served (the rest answer 404)."""
+        with self._cond:
+            self._networking_versions = set(versions)
+            self._cond.notify_all()
 
     def set_istio_versions(self, versions) -> None:
         """Which security.istio.io versions are served (the rest answer 404)."""
@@ -564,6 +582,8 @@ class KubeApiServer:
             return [r for r in RESOURCES + _DISCOVERY_ONLY if self._served(r)]
 
     def _served(self, r: Resource) -> bool:
+        if r.group == ISTIO_NETWORKING_GROUP:
+            return r.version in self._networking_versions
         return r.group != ISTIO_GROUP or r.version in self._istio_versions
 
     def _close_watch_sockets(self) -> None:

@@ -46,6 +46,12 @@ AGENT_RULES = {
     ("security.istio.io", "peerauthentications", "get", ()),
     ("security.istio.io", "peerauthentications", "list", ()),
     ("security.istio.io", "peerauthentications", "watch", ()),
+    ("networking.istio.io", "serviceentries", "get", ()),
+    ("networking.istio.io", "serviceentries", "list", ()),
+    ("networking.istio.io", "serviceentries", "watch", ()),
+    ("networking.istio.io", "workloadentries", "get", ()),
+    ("networking.istio.io", "workloadentries", "list", ()),
+    ("networking.istio.io", "workloadentries", "watch", ()),
 }
 CA_CLUSTER_RULES = {
     ("authentication.k8s.io", "tokenreviews", "create", ()),

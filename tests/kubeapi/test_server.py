@@ -420,8 +420,10 @@ def test_legacy_discovery_documents(kubeapi, conn):
     assert core["kind"] == "APIVersions" and core["versions"] == ["v1"]
     _, _, groups = _raw(conn, kubeapi, "GET", "/apis")
     by_name = {g["name"]: g for g in groups["groups"]}
-    assert set(by_name) == {"discovery.k8s.io", "security.istio.io", "authentication.k8s.io"}
+    assert set(by_name) == {"discovery.k8s.io", "security.istio.io", "networking.istio.io",
+                            "authentication.k8s.io"}
     assert by_name["security.istio.io"]["preferredVersion"]["version"] == "v1"
+    assert [v["version"] for v in by_name["networking.istio.io"]["versions"]] == ["v1", "v1beta1", "v1alpha3"]
     _, _, v1 = _raw(conn, kubeapi, "GET", "/api/v1")
     short = {r["name"]: r.get("shortNames") for r in v1["resources"]}
     assert short == {"pods": ["po"], "namespaces": ["ns"], "services": ["svc"], "nodes": ["no"]}
@@ -429,6 +431,9 @@ def test_legacy_discovery_documents(kubeapi, conn):
     assert {r["name"]: r["shortNames"] for r in istio["resources"]} == {
         "authorizationpolicies": ["ap"], "peerauthentications": ["pa"]}
     assert all("istio-io" in r["categories"] for r in istio["resources"])
+    _, _, networking = _raw(conn, kubeapi, "GET", "/apis/networking.istio.io/v1alpha3")
+    assert {r["name"]: r["shortNames"] for r in networking["resources"]} == {
+        "serviceentries": ["se"], "workloadentries": ["we"]}
     _, _, authn = _raw(conn, kubeapi, "GET", "/apis/authentication.k8s.io/v1")
     assert [(r["name"], r["verbs"]) for r in authn["resources"]] == [("tokenreviews", ["create"])]
     status, _, group = _raw(conn, kubeapi, "GET", "/apis/security.istio.io")
@@ -461,9 +466,12 @@ def test_discovery_follows_the_istio_crd_versions(kubeapi, conn):
     assert [v["version"] for v in istio["versions"]] == ["v1beta1"]
     assert istio["preferredVersion"]["version"] == "v1beta1"
     assert _raw(conn, kubeapi, "GET", "/apis/security.istio.io/v1")[0] == 404
+    kubeapi.set_networking_versions({"v1alpha3"})
+    assert _raw(conn, kubeapi, "GET", "/apis/networking.istio.io/v1")[0] == 404
+    assert _raw(conn, kubeapi, "GET", "/apis/networking.istio.io/v1alpha3")[0] == 200
     kubeapi.set_crds_present(False)
     _, _, agg = _raw(conn, kubeapi, "GET", "/apis", headers={"Accept": KUBECTL_ACCEPT})
-    assert "security.istio.io" not in {i["metadata"]["name"] for i in agg["items"]}
+    assert not {"security.istio.io", "networking.istio.io"} & {i["metadata"]["name"] for i in agg["items"]}
 
 
 def test_error_answers_read_the_whole_body_so_keep_alive_stays_in_sync(kubeapi, conn):

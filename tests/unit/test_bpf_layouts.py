@@ -46,6 +46,7 @@ MAP_TYPES: dict[str, tuple[type, type]] = {
     "inbound_config": (AddrKey, InboundConfig),
     "listeners": (ListenerKey, ctypes.c_uint32),
     "capture_stats": (ctypes.c_uint32, ctypes.c_uint64),
+    "dns_orig": (ctypes.c_uint64, OrigDst),
 }
 
 _QUALIFIERS = ("TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG")
@@ -152,7 +153,7 @@ def _defines() -> dict[str, int]:
 def test_the_constants_datapath_copies_match_common_h():
     defines = _defines()
     copied = ("OUTBOUND_PORT", "INBOUND_PORT", "HBONE_PORT", "AGENT_MARK", "LISTENER_INBOUND", "LISTENER_HBONE",
-              "POD_IPV4", "POD_IPV6")
+              "POD_IPV4", "POD_IPV6", "POD_DNS", "DNS_PORT")
     assert {n: defines.get(n) for n in copied} == {n: getattr(datapath, n) for n in copied}
     # datapath.STATS names the capture_stats slots in index order: STAT_<NAME> is the slot of <name>.
     stats = {n.removeprefix("STAT_").lower(): v for n, v in defines.items() if n.startswith("STAT_")}
