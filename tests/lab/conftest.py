@@ -114,6 +114,37 @@ def running_lab(prefix: str, manifest: str):
         lab.down()
 
 
+@contextlib.contextmanager
+def private_datapath(prefix: str, ip4: str, ip6: str):
+    """The real capture programs loaded into a fresh cgroup and pin directory,
+    and a fresh network namespace holding a pod's two addresses on lo (no
+    dummy driver on this kernel): ``(datapath, netns name, cgroup)``. Every
+    piece is removed afterwards, and the teardown must report no problem."""
+    from agent.capture.datapath import BPFFS, DEFAULT_CGROUP, CaptureDatapath, teardown
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    name = unique_name(prefix)
+    cgroup = f"{DEFAULT_CGROUP}/{name}"
+    pin_dir = f"{BPFFS}/{name}"
+    os.mkdir(cgroup)
+    dp = CaptureDatapath(pin_dir, cgroup)
+    ip("netns", "add", name)
+    try:
+        ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "addr", "add", f"{ip4}/32", "dev", "lo")
+        ip("-n", name, "addr", "add", f"{ip6}/128", "dev", "lo", "nodad")
+        dp.load()
+        yield dp, name, cgroup
+    finally:
+        dp.close()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        problems = teardown(pin_dir, cgroup)
+        os.rmdir(cgroup)
+        assert problems == []
+
+
 @pytest.fixture
 def servers():
     holder: list[PodServers] = []

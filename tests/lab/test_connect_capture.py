@@ -17,14 +17,12 @@ afterwards, also on failure.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from agent.capture.datapath import BPFFS, DEFAULT_CGROUP, CaptureDatapath, teardown
-from tests.lab.conftest import unique_name
+from tests.lab.conftest import private_datapath
 
 POD_IP4 = "198.18.77.2"
 POD_IP6 = "fd00:198:18::77:2"
@@ -71,33 +69,11 @@ CASES = [
 ]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
 def pod_netns():
     """(datapath, netns name, cgroup); the netns holds the pod's addresses."""
-    name = unique_name("ambient-test-c6-")
-    cgroup = f"{DEFAULT_CGROUP}/{name}"
-    pin_dir = f"{BPFFS}/{name}"
-    os.mkdir(cgroup)
-    dp = CaptureDatapath(pin_dir, cgroup)
-    _ip("netns", "add", name)
-    try:
-        # The pod's addresses on lo (no dummy driver on this kernel): enough
-        # for connects to them to be refused when nothing listens.
-        _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", name, "addr", "add", f"{POD_IP4}/32", "dev", "lo")
-        _ip("-n", name, "addr", "add", f"{POD_IP6}/128", "dev", "lo", "nodad")
-        dp.load()
-        yield dp, name, cgroup
-    finally:
-        dp.close()
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-        problems = teardown(pin_dir, cgroup)
-        os.rmdir(cgroup)
-        assert problems == []
+    with private_datapath("ambient-test-c6-", POD_IP4, POD_IP6) as made:
+        yield made
 
 
 def test_connect4_and_connect6_capture_exactly_what_leaves_the_pod(pod_netns):

@@ -17,14 +17,12 @@ the process are removed afterwards, also on failure.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from agent.capture.datapath import BPFFS, DEFAULT_CGROUP, CaptureDatapath, teardown
-from tests.lab.conftest import unique_name
+from tests.lab.conftest import private_datapath
 
 POD_IP4 = "198.18.78.2"
 POD_IP6 = "fd00:198:18::78:2"
@@ -93,49 +91,29 @@ NOT_CAPTURED = [
 ]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
 def pod():
     """(datapath, the pod process, its netns cookie, ask(cases) -> results)."""
-    name = unique_name("ambient-test-dns-")
-    cgroup = f"{DEFAULT_CGROUP}/{name}"
-    pin_dir = f"{BPFFS}/{name}"
-    os.mkdir(cgroup)
-    dp = CaptureDatapath(pin_dir, cgroup)
-    proc = None
-    _ip("netns", "add", name)
-    try:
-        _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", name, "addr", "add", f"{POD_IP4}/32", "dev", "lo")
-        _ip("-n", name, "addr", "add", f"{POD_IP6}/128", "dev", "lo", "nodad")
-        dp.load()
+    with private_datapath("ambient-test-dns-", POD_IP4, POD_IP6) as (dp, name, cgroup):
         proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", POD],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = proc.stdout.readline()
-        assert first, proc.stderr.read()
-        cookie = json.loads(first)["cookie"]
-        with open(f"{cgroup}/cgroup.procs", "w") as f:
-            f.write(str(proc.pid))
+        try:
+            first = proc.stdout.readline()
+            assert first, proc.stderr.read()
+            cookie = json.loads(first)["cookie"]
+            with open(f"{cgroup}/cgroup.procs", "w") as f:
+                f.write(str(proc.pid))
 
-        def ask(cases):
-            proc.stdin.write(json.dumps(cases) + "\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            return json.loads(line)
-        yield dp, cookie, ask
-    finally:
-        if proc is not None:
+            def ask(cases):
+                proc.stdin.write(json.dumps(cases) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read()
+                return json.loads(line)
+            yield dp, cookie, ask
+        finally:
             proc.kill()
             proc.wait(10)
-        dp.close()
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
-        problems = teardown(pin_dir, cgroup)
-        os.rmdir(cgroup)
-        assert problems == []
 
 
 def _captured(result: dict) -> bool:
