@@ -45,7 +45,7 @@ from agent import control, eventloop
 from agent.capture.datapath import DEFAULT_CGROUP, CaptureDatapath, CaptureError
 from agent.capture.inpod import InPodCapture, PodListeners
 from agent.control import CniAdd, CniDel, ControlServer, Handover, Request, StatusRequest
-from agent.dns.names import capture_wanted, service_addresses
+from agent.dns.names import DNS_CAPTURE_ANNOTATION, capture_wanted, service_addresses
 from agent.dns.resolver import Resolver
 from agent.dns.server import DnsCounters, PodDns, PodResolvConf
 from agent.enrol import discover
@@ -586,6 +586,31 @@ class NodeAgent:
         for action in self.life.handle(StateChanged(state)):
             if isinstance(action, RevalidateConnections):
                 self._revalidate()
+        self._sync_dns_capture()
+
+    def _sync_dns_capture(self) -> None:
+        """A captured pod whose ``ambient.istio.io/dns-capture`` annotation now
+        says otherwise has its DNS steered on or off at once, not at its next
+        capture. Turning it off leaves the pod's DNS proxy serving (nothing is
+        steered to it); a failure is logged and retried at the next state."""
+        for key, pod in self.captured.items():
+            ns, _, name = key.partition("/")
+            view = self.state.pod_view(ns, name)
+            rec = self.known.get(key)
+            if view is None or rec is None:
+                continue
+            wanted = capture_wanted(self.config.dns_capture, view.annotations)
+            if wanted == pod.listeners.dns_enabled:
+                continue
+            try:
+                self.inpod.set_dns(pod.listeners, pod.ips, wanted)
+            except OSError as exc:    # once a minute per pod, however often the state changes
+                self.plane.problems.report(logging.WARNING, ("dns-capture", key), "pod %s: cannot turn DNS "
+                                           "capture %s: %s", key, "on" if wanted else "off", exc)
+                continue
+            log.info("pod %s: DNS capture %s (annotation %s)", key, "on" if wanted else "off",
+                     DNS_CAPTURE_ANNOTATION)
+            self._serve_dns(rec, pod.listeners)
 
     def _revalidate(self) -> None:
         # New connections see the new policy at once (the hook reads the
@@ -640,7 +665,7 @@ class NodeAgent:
         listeners = (self.inpod.open(rec.netns) if netns_fd is None
                      else self.inpod.listen(netns_fd, rec.netns))
         view = self.state.pod_view(rec.namespace, rec.name)
-        listeners.dns_enabled = capture_wanted(self.config.dns_capture, view.annotations if view else None)
+        self.inpod.want_dns(listeners, capture_wanted(self.config.dns_capture, view.annotations if view else None))
         if previous is None and rec.netns_cookie and rec.netns_cookie != listeners.cookie:
             # Same path, different namespace: the old one's state is stale.
             self.inpod.disable(rec.netns_cookie, rec.ips)
@@ -687,7 +712,8 @@ class NodeAgent:
         if not listeners.dns_enabled or not listeners.dns or listeners.cookie in self.dns:
             return
         resolver = Resolver(rec.namespace, lambda ns, name: service_addresses(self.state, ns, name),
-                            self.config.cluster_domain, hosts=lambda name: resolve_host(self.state, name))
+                            self.config.cluster_domain,
+                            hosts=lambda name: resolve_host(self.state, name, rec.namespace))
         counters = self.dns_counters.setdefault(rec.key, DnsCounters())
         udp = [s for s in listeners.dns if s.type == socket.SOCK_DGRAM]
         tcp = [s for s in listeners.dns if s.type == socket.SOCK_STREAM]

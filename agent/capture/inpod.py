@@ -250,6 +250,27 @@ class InPodCapture:
         dp.attach_netns(listeners.cookie, listeners.netns_fd)
         dp.set_outbound(listeners.cookie, ips, dns=listeners.dns_enabled and bool(listeners.dns))
 
+    def want_dns(self, listeners: PodListeners, wanted: bool) -> None:
+        """Before ``enable``: whether the pod's DNS is to be captured. A pod that
+        wants it on a node whose default is off gets its DNS listeners here;
+        if they cannot be opened its DNS stays uncaptured (logged)."""
+        if wanted and not listeners.dns:
+            try:
+                listeners.dns = self.switcher.run(listeners.netns_fd, _open_dns)
+            except OSError as exc:
+                log.warning("pod namespace %s: no DNS listeners, DNS not captured: %s",
+                            listeners.cookie, exc)
+        listeners.dns_enabled = wanted and bool(listeners.dns)
+
+    def set_dns(self, listeners: PodListeners, ips: list[str], wanted: bool) -> None:
+        """Steer a captured pod's DNS to its DNS listeners, or stop (its pod's
+        ``dns-capture`` annotation changed). Listeners are opened first when the
+        pod has none (the node's default is off): on failure nothing changes."""
+        if wanted and not listeners.dns:
+            listeners.dns = self.switcher.run(listeners.netns_fd, _open_dns)
+        self.datapath.set_outbound(listeners.cookie, ips, dns=wanted)
+        listeners.dns_enabled = wanted
+
     def disable(self, cookie: int, ips: list[str]) -> None:
         dp = self.datapath
         dp.clear_outbound(cookie)

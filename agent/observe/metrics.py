@@ -119,7 +119,8 @@ def _side(prefix: str, pod: Pod | Mapping | None, cluster: str) -> dict[str, str
 def labels_for(reporter: str, source_pod: Pod | Mapping | None, source_identity: str | None,
                destination_pod: Pod | Mapping | None, destination_identity: str | None,
                service: str | None, mtls: bool, flags: str = FLAG_NONE,
-               cluster: str = DEFAULT_CLUSTER, domain: str = DEFAULT_DOMAIN) -> dict[str, str]:
+               cluster: str = DEFAULT_CLUSTER, domain: str = DEFAULT_DOMAIN,
+               service_host: str | None = None) -> dict[str, str]:
     """The full Istio label set for one connection (pure; every value a string).
 
     ``reporter``: ``"source"`` (the agent serving the client pod, outbound)
@@ -128,6 +129,10 @@ def labels_for(reporter: str, source_pod: Pod | Mapping | None, source_identity:
     (our own pod's identity as source reporter, or the verified mTLS peer as
     destination reporter); plaintext inbound passes ``None``.
     ``service``: ``"namespace/name"`` of the Service the client addressed, or None.
+    ``service_host``: for a ServiceEntry, the host the client addressed
+    (``service`` is then the entry's ``namespace/name``): as istiod tells
+    ztunnel, the entry's host is the ``destination_service``, its name and
+    namespace the other two labels. None: a Service, ``name.namespace.svc.<domain>``.
     ``flags``: ``"-"`` or an Envoy-style response flag (``DENY``, ``CONNECT``, ...).
     """
     if reporter not in REPORTERS:
@@ -140,7 +145,7 @@ def labels_for(reporter: str, source_pod: Pod | Mapping | None, source_identity:
         svc_ns, sep, svc_name = service.partition("/")
         if not sep or not svc_ns or not svc_name:
             raise ValueError(f"service must be 'namespace/name', not {service!r}")
-    labels["destination_service"] = f"{svc_name}.{svc_ns}.svc.{domain}" if service else UNKNOWN
+    labels["destination_service"] = (service_host or f"{svc_name}.{svc_ns}.svc.{domain}") if service else UNKNOWN
     labels["destination_service_namespace"] = _v(svc_ns)
     labels["destination_service_name"] = _v(svc_name)
     labels.update(_side("destination", destination_pod, cluster))

@@ -10,7 +10,9 @@ in ``src/proxy.rs``, called from ``src/proxy/inbound.rs`` for HBONE and
    lists them (``pilot/pkg/serviceregistry/ambient/workloads.go``): Services
    of the pod's namespace whose non-empty selector matches the pod's labels,
    plus selector-less Services whose EndpointSlices reference the pod
-   (a Pod ``targetRef``).
+   (a Pod ``targetRef``), plus the hosts of ServiceEntries of the pod's
+   namespace whose ``workloadSelector`` selects it (istiod makes one
+   service per host, named after the entry, with the host as hostname).
 2. If the client's proxy said which Service it addressed (the ``host=``
    parameter of the HBONE request's ``Forwarded`` header, which ztunnel's
    outbound side sets to the Service's hostname), and that hostname is one
@@ -31,8 +33,6 @@ A connection that named its Service (step 2) is never ambiguous.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 from agent.state.model import ClusterState
 
@@ -165,25 +165,45 @@ def candidate_services(state: ClusterState, pod: dict) -> dict[tuple[str, str], 
 
 # -- the rule --------------------------------------------------------------------
 
-def _unique(keys: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
-    keys = list(keys)
-    return keys[0] if len(keys) == 1 else None
+def entry_candidates(state: ClusterState, pod: dict) -> dict[tuple[str, str, str], set[int]]:
+    """The ServiceEntry hosts of ``pod`` (istiod lists them among its workload's
+    services): (namespace, name, host) -> target ports, for each entry of the
+    pod's namespace whose ``workloadSelector`` selects it."""
+    meta = _mapping(pod.get("metadata"))
+    ns = meta.get("namespace") or _DEFAULT_NAMESPACE
+    labels = _mapping(meta.get("labels"))
+    out: dict[tuple[str, str, str], set[int]] = {}
+    for (entry_ns, name), entry in sorted(state.service_entry_views.items()):
+        selector = entry.workload_selector
+        if entry_ns != ns or selector is None or not all(labels.get(k) == v for k, v in selector.items()):
+            continue
+        ports = {p.target_port or p.number for p in entry.ports if p.protocol != "UDP"}
+        for host in entry.hosts:
+            out[(entry_ns, name, host)] = ports
+    return out
 
 
 def inbound_service(state: ClusterState, pod: dict | None, port: int, host: str = "",
-                    domain: str = "cluster.local") -> str | None:
-    """``"namespace/name"`` of the Service an inbound connection to ``pod:port`` was for, or None.
+                    domain: str = "cluster.local") -> tuple[str, str] | None:
+    """The service an inbound connection to ``pod:port`` was for, or None:
+    ``("namespace/name", "")`` for a Service, ``("namespace/name", host)`` for
+    a ServiceEntry host (the metrics' ``service`` and ``service_host``).
 
-    ``host``: the Service hostname the client's proxy named (``forwarded_host``
+    ``host``: the service hostname the client's proxy named (``forwarded_host``
     of the HBONE request's ``Forwarded`` header; "" for plaintext).
     ``domain``: the cluster's DNS domain, for comparing hostnames.
     """
     if not pod:
         return None
-    candidates = candidate_services(state, pod)
+    services = candidate_services(state, pod)
+    entries = entry_candidates(state, pod)
     if host:
-        named = [k for k in candidates if service_hostname(k[0], k[1], domain) == host]
-        if named:
-            return "/".join(named[0])
-    found = _unique(k for k, ports in sorted(candidates.items()) if port in ports)
-    return "/".join(found) if found else None
+        for ns, name in services:
+            if service_hostname(ns, name, domain) == host:
+                return f"{ns}/{name}", ""
+        for ns, name, entry_host in entries:
+            if entry_host == host:
+                return f"{ns}/{name}", entry_host
+    found = [(f"{ns}/{name}", "") for (ns, name), ports in sorted(services.items()) if port in ports]
+    found += [(f"{ns}/{name}", h) for (ns, name, h), ports in entries.items() if port in ports]
+    return found[0] if len(found) == 1 else None

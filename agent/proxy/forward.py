@@ -35,7 +35,7 @@ from agent.proxy.copy import ByteCounter, abort, start_splice
 from agent.proxy.counters import ConnectionLog, DirectionCounters, PodCounters
 from agent.proxy.h2conn import H2Connection, H2Stream
 from agent.proxy.result import ConnectionResult
-from agent.proxy.route import resolve
+from agent.proxy.route import Route, resolve
 from agent.proxy.tls import TlsContexts, check_client_identity
 from agent.proxy.tunnel import HbonePool, PoolKey, start_bridge
 from agent.state.model import ClusterState, Pod
@@ -104,7 +104,7 @@ class PodProxy:
         self._label_state: ClusterState | None = None
         self._label_cache: dict[tuple, dict] = {}
         self._service_state: ClusterState | None = None
-        self._service_cache: dict[tuple, str] = {}     # (port, host the client named) -> "ns/name" or ""
+        self._service_cache: dict[tuple, tuple[str, str]] = {}   # (port, named host) -> ("ns/name", SE host)
         self._hbone_waiting = 0        # accepted on 15008, no ClientHello yet
         self._hbone_handshaking = 0
         # Open connections (no task of their own: their pipe's end finishes
@@ -194,7 +194,7 @@ class PodProxy:
         return self.plane.state().pod_view(ns, name)
 
     def _labels(self, reporter: str, source_pod, source_id, dest_pod, dest_id, service: str = "",
-                mtls: bool = False) -> dict | None:
+                mtls: bool = False, service_host: str = "") -> dict | None:
         """Istio's label set for a connection, shared by every connection that has it.
 
         A set is 19 strings in a dict (~1.2 KB) held by the connection's result
@@ -208,18 +208,19 @@ class PodProxy:
         state = self.plane.state()
         if state is not self._label_state or len(self._label_cache) >= _LABEL_CACHE:
             self._label_state, self._label_cache = state, {}
-        key = (reporter, _pod_key(source_pod), source_id, _pod_key(dest_pod), dest_id, service, mtls)
+        key = (reporter, _pod_key(source_pod), source_id, _pod_key(dest_pod), dest_id, service, service_host, mtls)
         labels = self._label_cache.get(key)
         if labels is None:
             labels = self._label_cache[key] = labels_for(
                 reporter, source_pod, source_id or None, dest_pod, dest_id or None, service or None, mtls,
-                domain=self.plane.trust_domain)
+                domain=self.plane.trust_domain, service_host=service_host or None)
         return labels
 
-    def _inbound_service(self, port: int, host: str = "") -> str:
-        """The Service an inbound connection to ``port`` was for (``agent/observe/service.py``),
+    def _inbound_service(self, port: int, host: str = "") -> tuple[str, str]:
+        """The service an inbound connection to ``port`` was for, as (``namespace/name``,
+        ServiceEntry host or ""), ``("", "")`` if none (``agent/observe/service.py``),
         cached per state like the label sets: the answer depends on the port and on the
-        Service hostname the client's proxy named (``Forwarded: host=``), nothing else."""
+        service hostname the client's proxy named (``Forwarded: host=``), nothing else."""
         state = self.plane.state()
         if state is not self._service_state or len(self._service_cache) >= _LABEL_CACHE:
             self._service_state, self._service_cache = state, {}
@@ -228,7 +229,7 @@ class PodProxy:
         if found is None:
             own = self._own_pod()
             found = self._service_cache[key] = inbound_service(
-                state, own.raw if own is not None else None, port, host, self.plane.trust_domain) or ""
+                state, own.raw if own is not None else None, port, host, self.plane.trust_domain) or ("", "")
         return found
 
     # -- policy changes ----------------------------------------------------
@@ -302,12 +303,13 @@ class PodProxy:
             abort(conn)
             return
         result.destination = (dst.ip, dst.port)
-        route = resolve(self.plane.state(), dst.ip, dst.port, self.plane.trust_domain, salt=peer[1])
+        route = resolve(self.plane.state(), dst.ip, dst.port, self.plane.trust_domain, salt=peer[1],
+                        namespace=self.pod.partition("/")[0])
         # ztunnel: destination_principal is a known destination workload's
         # identity, meshed or not; unknown only outside the cluster.
         dest_id = route.identity or (route.pod.identity_uri(self.plane.trust_domain) if route.pod else "")
         result.labels = self._labels("source", own, self.identity, route.pod, dest_id, route.service,
-                                     mtls=route.kind == "hbone")
+                                     mtls=route.kind == "hbone", service_host=route.service_host)
         if route.kind == "no-endpoint":
             result.fail(route.reason)
             abort(conn)
@@ -331,7 +333,7 @@ class PodProxy:
                 key = PoolKey(self.identity, route.identity, (route.ip, HBONE_PORT), self.listeners.cookie)
                 headers = hbone.connect_request_headers(target, source, self.workload)
                 if route.service:
-                    headers = _with_service_host(headers, route.service, self.plane.trust_domain)
+                    headers = _with_service_host(headers, route, self.plane.trust_domain)
                 stream, response = await self.plane.pool.stream(key, ctx, self._dial_peer, headers)
         except (TimeoutError, OSError, ConnectionError) as exc:
             result.fail(str(exc) or type(exc).__name__)
@@ -373,8 +375,9 @@ class PodProxy:
             result.refuse(f"port {port} belongs to the mesh agent")
             abort(conn)
             return
+        service, service_host = self._inbound_service(port)
         result.labels = self._labels("destination", self.plane.state().pod_view_by_ip(peer[0]), None,
-                                     self._own_pod(), self.identity, self._inbound_service(port))
+                                     self._own_pod(), self.identity, service, service_host=service_host)
         request = InboundRequest(self.pod, peer[0], peer[1], local_ip, port, None)
         decision = result.decision = self.plane.policy(request)
         if not decision.allowed:
@@ -502,11 +505,9 @@ class PodProxy:
             stream.respond(checked.status, end=True)
             result.refuse(f"{checked.status} {checked.reason}")
             return
+        service, service_host = self._inbound_service(checked.port, forwarded_host(headers.get("forwarded", "")))
         result.labels = self._labels("destination", self.plane.state().pod_view_by_ip(source[0]), source_id,
-                                     self._own_pod(), self.identity,
-                                     self._inbound_service(checked.port,
-                                                           forwarded_host(headers.get("forwarded", ""))),
-                                     mtls=True)
+                                     self._own_pod(), self.identity, service, mtls=True, service_host=service_host)
         dst = result.destination = (checked.ip, checked.port)
         request = InboundRequest(self.pod, source[0], source[1], checked.ip, checked.port, source_id)
         decision = result.decision = self.plane.policy(request)
@@ -538,12 +539,13 @@ def _pod_key(pod: Pod | None) -> tuple | None:
     return (pod.namespace, pod.name, pod.uid) if pod is not None else None
 
 
-def _with_service_host(headers: list[tuple[str, str]], service: str, domain: str) -> list[tuple[str, str]]:
+def _with_service_host(headers: list[tuple[str, str]], route: Route, domain: str) -> list[tuple[str, str]]:
     """The CONNECT headers with ``host=<service hostname>`` in ``forwarded``, as
     ztunnel's outbound ``build_forwarded`` writes it: the destination then
-    reports the Service the client addressed (``agent/observe/service.py``)."""
-    ns, _, name = service.partition("/")
-    host = service_hostname(ns, name, domain)
+    reports the Service (or ServiceEntry host) the client addressed
+    (``agent/observe/service.py``)."""
+    ns, _, name = route.service.partition("/")
+    host = route.service_host or service_hostname(ns, name, domain)
     return [(k, forwarded_with_host(v, host)) if k == "forwarded" else (k, v) for k, v in headers]
 
 

@@ -12,14 +12,15 @@
   picks one of its endpoints (inline ``endpoints``, or the Pods and
   WorkloadEntries its ``workloadSelector`` matches), over HBONE when that
   endpoint is meshed; ``DNS`` and ``NONE`` pass through to the original
-  destination.
+  destination. Only entries exported to the client's namespace count
+  (``spec.exportTo``). The route names the entry and the host as its service.
 * Anything else: passthrough, plain TCP to the original destination.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.enrol.rule import DATAPLANE_MODE_LABEL, MODE_AMBIENT, decide
 from agent.identity.spiffe import IdentityError, WorkloadIdentity
@@ -36,8 +37,12 @@ class Route:
     # data path compares with the server certificate's SAN.
     identity: str = ""
     pod: Pod | None = None
-    service: str = ""       # namespace/name when reached through a Service
+    service: str = ""       # namespace/name when reached through a Service or ServiceEntry
     reason: str = ""
+    # A ServiceEntry's host the connection was for (its ``destination_service``,
+    # and the ``Forwarded: host=`` the destination reports); "" for a Service,
+    # whose hostname is ``name.namespace.svc.<domain>``.
+    service_host: str = ""
 
 
 def is_meshed(state: ClusterState, pod: Pod) -> bool:
@@ -231,6 +236,14 @@ def _entry_candidates(state: ClusterState, entry: ServiceEntry,
 
 def _service_entry_route(state: ClusterState, entry: ServiceEntry, host: str, ip: str, port: int,
                          trust_domain: str, salt: int) -> Route:
+    # Like istiod's services for ztunnel: a ServiceEntry host is a service
+    # named after the entry, in its namespace, with the host as its hostname.
+    return replace(_entry_route(state, entry, host, ip, port, trust_domain, salt),
+                   service=f"{entry.namespace}/{entry.name}", service_host=host)
+
+
+def _entry_route(state: ClusterState, entry: ServiceEntry, host: str, ip: str, port: int,
+                 trust_domain: str, salt: int) -> Route:
     where = f"ServiceEntry {entry.namespace}/{entry.name} ({host})"
     if entry.resolution != "STATIC":
         # DNS: the application resolved the host itself (the DNS proxy does not
@@ -258,7 +271,10 @@ def _service_entry_route(state: ClusterState, entry: ServiceEntry, host: str, ip
     return Route("passthrough", address, target, reason=f"{where}: endpoint is not in the mesh")
 
 
-def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: int = 0) -> Route:
+def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: int = 0,
+            namespace: str | None = None) -> Route:
+    """Where a connection to ``ip:port`` goes. ``namespace``: the client pod's,
+    for ServiceEntry visibility (``exportTo``); None sees every entry."""
     pod = state.pod_view_by_ip(ip)      # never a hostNetwork pod: they share the node's address
     if pod is not None:
         return _pod_route(state, pod, ip, port, trust_domain)
@@ -279,7 +295,7 @@ def resolve(state: ClusterState, ip: str, port: int, trust_domain: str, salt: in
         if slices:
             return _slice_route(state, ns, slices, ip, svc_port, trust_domain, salt, service)
         return _selector_route(state, svc, ip, svc_port, trust_domain, salt, service)
-    entry = serviceentry.entry_for_ip(state, ip)
+    entry = serviceentry.entry_for_ip(state, ip, namespace)
     if entry is not None:
         return _service_entry_route(state, *entry, ip, port, trust_domain, salt)
     return Route("passthrough", ip, port, reason="destination outside the cluster")

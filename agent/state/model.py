@@ -734,6 +734,9 @@ class ServiceEntry:
     endpoints: tuple[WorkloadSpec, ...] = field(repr=False)
     # None without workloadSelector; {} would select every workload.
     workload_selector: Mapping[str, str] | None = field(repr=False)
+    # spec.exportTo as written: "." (its own namespace), "*" (every one), "~"
+    # (none) or namespace names; empty means Istio's default, "*".
+    export_to: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -778,6 +781,14 @@ class ServiceEntry:
         endpoints = spec.get("endpoints") or []
         if not isinstance(endpoints, list):
             return "spec.endpoints is not a list"
+        export_to = spec.get("exportTo") or []
+        if not isinstance(export_to, list) or not all(isinstance(e, str) for e in export_to):
+            return "spec.exportTo is not a list of strings"
+        for target in export_to:
+            if target not in (".", "*", "~") and not _DNS_LABEL.match(target):
+                return f"spec.exportTo: {target!r} is not '.', '*', '~' or a namespace name"
+        if "~" in export_to and len(export_to) > 1:
+            return "spec.exportTo: '~' (visible nowhere) cannot be combined with other entries"
         selector = spec.get("workloadSelector")
         if selector is not None:
             if endpoints:
@@ -807,7 +818,16 @@ class ServiceEntry:
                                for p in spec.get("ports") or ()),
                    location=spec.get("location", "MESH_EXTERNAL"), resolution=spec.get("resolution", "NONE"),
                    endpoints=tuple(_workload_spec(e) for e in spec.get("endpoints") or ()),
-                   workload_selector=None if selector is None else _frozen_map(selector.get("labels")))
+                   workload_selector=None if selector is None else _frozen_map(selector.get("labels")),
+                   export_to=tuple(spec.get("exportTo") or ()))
+
+    def visible_to(self, namespace: str | None) -> bool:
+        """Whether pods of ``namespace`` see this entry (``spec.exportTo``, with
+        Istio's default ``defaultServiceExportTo: ["*"]``); ``None`` (no client
+        known, e.g. status output) sees every entry."""
+        if namespace is None or not self.export_to or "*" in self.export_to:
+            return True
+        return namespace in self.export_to or ("." in self.export_to and namespace == self.namespace)
 
     def port(self, number: int) -> ServicePortSpec | None:
         """The entry's port ``number``. Every ServiceEntry protocol rides TCP

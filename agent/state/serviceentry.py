@@ -71,7 +71,7 @@ class AddressIndex(NamedTuple):
     vips: dict[tuple[str, str, str], tuple[str, str]]      # (ns, name, host) -> (v4, v6)
     exact: dict[str, list[tuple[ServiceEntry, str]]]       # host -> entries, sorted
     wildcards: list[tuple[str, ServiceEntry, str]]         # (suffix ".example.com", entry, host)
-    by_ip: dict[str, tuple[ServiceEntry, str]]             # a single address -> (entry, host)
+    by_ip: dict[str, list[tuple[ServiceEntry, str]]]       # a single address -> (entry, host), sorted
     by_cidr: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ServiceEntry, str]]
 
 
@@ -137,7 +137,7 @@ def index(state: ClusterState) -> AddressIndex:
     vips = {(e.namespace, e.name, h): allocated[k] for k, (e, h) in keyed.items() if k in allocated}
     exact: dict[str, list[tuple[ServiceEntry, str]]] = {}
     wildcards: list[tuple[str, ServiceEntry, str]] = []
-    by_ip: dict[str, tuple[ServiceEntry, str]] = {}
+    by_ip: dict[str, list[tuple[ServiceEntry, str]]] = {}
     by_cidr: list = []
     for entry in entries:
         for host in entry.hosts:
@@ -146,12 +146,12 @@ def index(state: ClusterState) -> AddressIndex:
             elif host != "*":
                 exact.setdefault(host, []).append((entry, host))
             for ip in vips.get((entry.namespace, entry.name, host), ()):
-                by_ip.setdefault(ip, (entry, host))
+                by_ip.setdefault(ip, []).append((entry, host))
         first = entry.hosts[0]
         for address in entry.addresses:
             net = ipaddress.ip_network(address, strict=False)
             if net.num_addresses == 1:
-                by_ip.setdefault(str(net.network_address), (entry, first))
+                by_ip.setdefault(str(net.network_address), []).append((entry, first))
             else:
                 by_cidr.append((net, entry, first))
     # Most specific (longest) suffix first; ties by namespace/name (already sorted).
@@ -170,33 +170,43 @@ def addresses_of(state: ClusterState, entry: ServiceEntry, host: str) -> tuple[s
     return index(state).vips.get((entry.namespace, entry.name, host), ())
 
 
-def lookup_host(state: ClusterState, name: str) -> HostMatch | None:
+def lookup_host(state: ClusterState, name: str, namespace: str | None = None) -> HostMatch | None:
     """The ServiceEntry host that ``name`` falls under (exact, else the most
-    specific wildcard), with what DNS answers; None when no entry claims it."""
+    specific wildcard), with what DNS answers; None when no entry claims it.
+    ``namespace``: the asking pod's; only entries exported to it count
+    (``ServiceEntry.visible_to``). None: every entry."""
     name = normalise_host(name)
     if not name:
         return None
     idx = index(state)
-    for entry, host in idx.exact.get(name, ())[:1]:
-        return HostMatch(entry, host, addresses_of(state, entry, host))
+    for entry, host in idx.exact.get(name, ()):
+        if entry.visible_to(namespace):
+            return HostMatch(entry, host, addresses_of(state, entry, host))
     for suffix, entry, host in idx.wildcards:
-        if name.endswith(suffix) and len(name) > len(suffix):
+        if name.endswith(suffix) and len(name) > len(suffix) and entry.visible_to(namespace):
             return HostMatch(entry, host, addresses_of(state, entry, host))
     return None
 
 
-def resolve_host(state: ClusterState, name: str) -> list[str]:
-    """The addresses DNS answers for ``name`` (IPv4 first, then IPv6); empty
-    when the mesh has none for it, and the query goes upstream."""
-    match = lookup_host(state, name)
+def resolve_host(state: ClusterState, name: str, namespace: str | None = None) -> list[str]:
+    """The addresses DNS answers for ``name`` to a pod of ``namespace`` (IPv4
+    first, then IPv6); empty when the mesh has none for it, and the query goes upstream."""
+    match = lookup_host(state, name, namespace)
     return list(match.addresses) if match is not None else []
 
 
-def entry_for_ip(state: ClusterState, ip: str) -> tuple[ServiceEntry, str] | None:
-    """The (entry, host) that owns address ``ip``: an allocated virtual IP or an
-    address in some entry's ``spec.addresses`` (a single IP before a CIDR)."""
+def _visible(found: list[tuple[ServiceEntry, str]] | None,
+             namespace: str | None) -> tuple[ServiceEntry, str] | None:
+    return next((f for f in found or () if f[0].visible_to(namespace)), None)
+
+
+def entry_for_ip(state: ClusterState, ip: str, namespace: str | None = None) -> tuple[ServiceEntry, str] | None:
+    """The (entry, host) that owns address ``ip`` for a client in ``namespace``
+    (entries not exported there are skipped; None: every entry): an allocated
+    virtual IP or an address in some entry's ``spec.addresses`` (a single IP
+    before a CIDR)."""
     idx = index(state)
-    found = idx.by_ip.get(ip)
+    found = _visible(idx.by_ip.get(ip), namespace)
     if found is not None or not (idx.by_cidr or ":" in ip):
         return found
     try:
@@ -204,11 +214,11 @@ def entry_for_ip(state: ClusterState, ip: str) -> tuple[ServiceEntry, str] | Non
     except ValueError:
         return None
     if address.version == 6 and str(address) != ip:     # an IPv6 address not in canonical form
-        found = idx.by_ip.get(str(address))
+        found = _visible(idx.by_ip.get(str(address)), namespace)
         if found is not None:
             return found
     for net, entry, host in idx.by_cidr:
-        if address.version == net.version and address in net:
+        if address.version == net.version and address in net and entry.visible_to(namespace):
             return entry, host
     return None
 

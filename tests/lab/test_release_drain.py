@@ -12,6 +12,7 @@ two node agents.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -63,3 +64,37 @@ def test_a_released_pods_open_connection_drains_then_is_cut(lab, servers):
         stream.wait()
         lab.set_labels("Pod", "mesh", "client", {"istio.io/dataplane-mode": None})
     wait_for(lambda: agent_pod(lab, "node1", "mesh/client")["enrolled"], what="captured again")
+
+
+def test_shutdown_waits_for_a_released_pods_drain(lab, servers):
+    """SIGTERM while a released pod's connection drains: the agent stays until
+    that drain ends (its deadline started at the release), so the stream runs
+    its full window instead of dying with the agent; then the agent exits."""
+    servers(lab).serve("mesh/server", 7091, "drain")
+    stream = lab.exec("mesh/client", [sys.executable, PEER, "stream", lab.pod_ip("mesh/server"), "7091",
+                                      "SHUTDOWN-" + unique_name()],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert stream.stdout.readline().strip() == "started"
+        time.sleep(0.5)
+        assert agent_pod(lab, "node1", "mesh/client")["counters"]["outbound"]["active"] == 1
+        lab.set_labels("Pod", "mesh", "client", {"istio.io/dataplane-mode": "none"})
+        wait_for(lambda: not agent_pod(lab, "node1", "mesh/client")["enrolled"], what="release by the pod's opt-out")
+        released = time.time()
+        lab.stop_agent("node1", signal.SIGTERM, wait=False)
+        time.sleep(DRAIN / 2)
+        # No captured pod has a connection: only the released pod's drain keeps it.
+        assert lab.agent_pid("node1") is not None, "the agent exited without waiting for the released pod's drain"
+        stream.wait(timeout=DRAIN + 30)
+        summary = json.loads(stream.stdout.read().strip().splitlines()[-1])
+        assert not summary["ok"] and summary["error"] in ("ECONNRESET", "EPIPE"), summary
+        assert released - 1.0 + DRAIN - 0.5 <= summary["at"] <= released + DRAIN + 5.0, (summary, released)
+        wait_for(lambda: lab.agent_pid("node1") is None, timeout=15, what="the agent to exit after the drain")
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+        stream.wait()
+        if lab.agent_pid("node1") is None:
+            lab.start_agent("node1")
+        lab.set_labels("Pod", "mesh", "client", {"istio.io/dataplane-mode": None})
+    wait_for(lambda: agent_pod(lab, "node1", "mesh/client")["enrolled"], timeout=20, what="captured again")

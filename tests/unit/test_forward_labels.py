@@ -44,28 +44,45 @@ def test_inbound_service_per_port_and_named_host_cached_with_the_state():
                       pool=HbonePool(), log=ConnectionLog(), metrics=Metrics().tcp)
     proxy = PodProxy("b/api", "spiffe://cluster.local/ns/b/sa/api", ["198.18.0.3"], {}, listeners=None,
                      datapath=None, switcher=None, counters=PodCounters(), plane=plane)
-    assert proxy._inbound_service(9000) == "b/api"
-    assert proxy._inbound_service(9001) == ""
+    assert proxy._inbound_service(9000) == ("b/api", "")
+    assert proxy._inbound_service(9001) == ("", "")
     # The label sets differ per Service: the cache key carries it.
     st = holder["state"]
     with_svc = proxy._labels("destination", None, None, st.pod_view("b", "api"), proxy.identity,
-                             proxy._inbound_service(9000), mtls=True)
+                             proxy._inbound_service(9000)[0], mtls=True)
     without = proxy._labels("destination", None, None, st.pod_view("b", "api"), proxy.identity,
-                            proxy._inbound_service(9001), mtls=True)
+                            proxy._inbound_service(9001)[0], mtls=True)
     assert with_svc["destination_service"] == "api.b.svc.cluster.local"
     assert with_svc["destination_service_name"] == "api" and with_svc["destination_service_namespace"] == "b"
     assert without["destination_service"] == "unknown" and without["destination_service_name"] == "unknown"
     # A second Service on the same port: ambiguous, unless the client named one.
     holder["state"] = ClusterState.from_items([api, svc, alias])
-    assert proxy._inbound_service(9000) == ""
-    assert proxy._inbound_service(9000, "alias.b.svc.cluster.local") == "b/alias"
+    assert proxy._inbound_service(9000) == ("", "")
+    assert proxy._inbound_service(9000, "alias.b.svc.cluster.local") == ("b/alias", "")
+    # A ServiceEntry selecting the pod: its host is the destination_service.
+    entry = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+             "metadata": {"namespace": "b", "name": "api-se"},
+             "spec": {"hosts": ["api.example.internal"], "resolution": "STATIC",
+                      "ports": [{"number": 80, "name": "http", "targetPort": 9000}],
+                      "workloadSelector": {"labels": {"app": "api"}}}}
+    holder["state"] = ClusterState.from_items([api, entry])
+    service, host = proxy._inbound_service(9000)
+    assert (service, host) == ("b/api-se", "api.example.internal")
+    labels = proxy._labels("destination", None, None, holder["state"].pod_view("b", "api"), proxy.identity,
+                           service, mtls=True, service_host=host)
+    assert labels["destination_service"] == "api.example.internal"
+    assert labels["destination_service_name"] == "api-se" and labels["destination_service_namespace"] == "b"
 
 
 def test_outbound_connect_names_the_service_as_ztunnel():
     from agent.proxy import hbone
     from agent.proxy.forward import _forwarded_for, _with_service_host
+    from agent.proxy.route import Route
     headers = hbone.connect_request_headers(hbone.ConnectTarget("198.18.0.3", 9000), ("198.18.0.2", 40000), None)
-    named = dict(_with_service_host(headers, "b/api", "cluster.local"))
+    named = dict(_with_service_host(headers, Route("hbone", "198.18.0.3", 9000, service="b/api"), "cluster.local"))
     assert named["forwarded"] == 'for="198.18.0.2:40000";host=api.b.svc.cluster.local'
+    entry = Route("hbone", "198.18.0.3", 9000, service="b/api-se", service_host="api.example.internal")
+    assert dict(_with_service_host(headers, entry, "cluster.local"))["forwarded"] == \
+        'for="198.18.0.2:40000";host=api.example.internal'
     assert _forwarded_for(named["forwarded"]) == ("198.18.0.2", 40000)     # the source still parses
     assert hbone.check_connect(list(named.items()), ["198.18.0.3"]) == hbone.ConnectTarget("198.18.0.3", 9000)

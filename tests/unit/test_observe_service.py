@@ -2,8 +2,13 @@
 
 import pytest
 
-from agent.observe.service import (candidate_services, forwarded_host, forwarded_with_host,
-                                   inbound_service, service_hostname)
+from agent.observe.service import (
+    candidate_services,
+    forwarded_host,
+    forwarded_with_host,
+    inbound_service,
+    service_hostname,
+)
 from agent.state.model import ClusterState
 
 API_POD = {
@@ -57,8 +62,27 @@ SELECTOR_SLICE = eps("api", [{"addresses": ["198.18.2.10"], "targetRef": {"kind"
                      [{"port": 9000}])
 FWD = 'for="198.18.1.5:40000";host='
 
+
+def entry(name, hosts, selector=None, ports=None, ns="backend", **spec):
+    spec = {"hosts": hosts, "resolution": "STATIC",
+            "ports": ports if ports is not None else [{"number": 80, "name": "http", "targetPort": 9000}], **spec}
+    if selector is not None:
+        spec["workloadSelector"] = {"labels": selector}
+    return {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+            "metadata": {"namespace": ns, "name": name}, "spec": spec}
+
+
+SE_API = entry("api-se", ["api.example.internal"], {"app": "api"})
+SE_TWO_HOSTS = entry("two", ["a.example.internal", "b.example.internal"], {"app": "api"})
+SE_OTHER_NS = entry("api-se", ["api.example.internal"], {"app": "api"}, ns="elsewhere")
+SE_OTHER_LABELS = entry("db-se", ["db.example.internal"], {"app": "db"})
+SE_ENDPOINTS = entry("inline", ["inline.example.internal"], endpoints=[{"address": "198.18.2.10"}])
+SE_NO_TARGET = entry("plain-port", ["plain.example.internal"], {"app": "api"}, ports=[{"number": 9000}])
+SE_UDP = entry("udp", ["udp.example.internal"], {"app": "api"},
+               ports=[{"number": 9000, "protocol": "UDP"}])
+
 CASES = [
-    # (why, services and slices, destination port, Forwarded value, expected "ns/name" or None)
+    # (why, services and slices, destination port, Forwarded value, expected "ns/name", ("ns/name", host) or None)
     ("named targetPort resolved on the pod", [API], 9000, "", "backend/api"),
     ("numeric targetPort", [API_NUMERIC], 9000, "", "backend/api-num"),
     ("targetPort defaults to the service port", [METRICS], 9100, "", "backend/api-metrics"),
@@ -92,6 +116,23 @@ CASES = [
      9000, "", None),
     ("a selector Service's slice does not count it twice", [API, SELECTOR_SLICE], 9000, "", "backend/api"),
     ("a slice without its Service names nothing", [MANUAL_SLICE], 9000, "", None),
+    # ServiceEntries: (namespace/name, host), as istiod's service per host.
+    ("an entry whose workloadSelector selects the pod, by targetPort", [SE_API], 9000, "",
+     ("backend/api-se", "api.example.internal")),
+    ("an entry's port without targetPort targets its number", [SE_NO_TARGET], 9000, "",
+     ("backend/plain-port", "plain.example.internal")),
+    ("a UDP entry port never names a TCP connection", [SE_UDP], 9000, "", None),
+    ("an entry of another namespace never selects the pod", [SE_OTHER_NS], 9000, "", None),
+    ("an entry selecting other labels", [SE_OTHER_LABELS], 9000, "", None),
+    ("an entry with inline endpoints selects no pod", [SE_ENDPOINTS], 9000, "", None),
+    ("a Service and an entry on the same port: ambiguous", [API, SE_API], 9000, "", None),
+    ("the client named the entry's host", [API, SE_API], 9000, FWD + "api.example.internal",
+     ("backend/api-se", "api.example.internal")),
+    ("two hosts of one entry on the port: ambiguous", [SE_TWO_HOSTS], 9000, "", None),
+    ("... unless the client named one", [SE_TWO_HOSTS], 9000, FWD + "b.example.internal",
+     ("backend/two", "b.example.internal")),
+    ("a named host of an entry that does not select the pod is ignored", [API, SE_OTHER_LABELS], 9000,
+     FWD + "db.example.internal", "backend/api"),
 ]
 
 
@@ -100,6 +141,8 @@ def test_inbound_service(why, objects, port, forwarded, expected):
     state = ClusterState.from_items([API_POD, *objects])
     assert not state.errors
     pod = state.pod("backend", "api-0")
+    if isinstance(expected, str):          # a Service: no host of its own
+        expected = (expected, "")
     assert inbound_service(state, pod, port, forwarded_host(forwarded), "cluster.local") == expected
 
 

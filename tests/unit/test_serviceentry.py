@@ -94,6 +94,10 @@ def test_workload_entry_view():
     (workload_entry(address=""), "has no address"),
     (workload_entry(labels={"a": 1}), "labels"),
     (workload_entry(serviceAccount=["x"]), "serviceAccount"),
+    (entry(exportTo="*"), "spec.exportTo is not a list"),
+    (entry(exportTo=[".", 3]), "spec.exportTo is not a list"),
+    (entry(exportTo=["Not_A_Namespace"]), "is not '.', '*', '~' or a namespace name"),
+    (entry(exportTo=["~", "shop"]), "'~' (visible nowhere) cannot be combined"),
 ])
 def test_malformed_entries_are_ignored_with_a_reason(raw, reason):
     good = entry(name="good", hosts=["ok.example.com"])
@@ -319,3 +323,72 @@ def test_workload_meshed_rule():
     assert workload_meshed(WorkloadSpec("198.18.9.1", AMBIENT, "vm", "", {}))
     assert not workload_meshed(WorkloadSpec("198.18.9.1", AMBIENT, "", "", {}))
     assert not workload_meshed(WorkloadSpec("198.18.9.1", {"istio.io/dataplane-mode": "none"}, "vm", "", {}))
+
+
+# -- exportTo: who sees an entry ----------------------------------------------------
+
+@pytest.mark.parametrize("export_to, visible_in", [
+    (None, {"shop", "web", "other"}),                 # Istio's default: "*"
+    ([], {"shop", "web", "other"}),
+    (["*"], {"shop", "web", "other"}),
+    (["."], {"shop"}),                                # the entry's own namespace
+    (["web"], {"web"}),                               # named namespaces only, not its own
+    ([".", "web"], {"shop", "web"}),
+    (["web", "*"], {"shop", "web", "other"}),
+    (["~"], set()),                                   # nobody
+])
+def test_export_to_decides_who_sees_the_entry(export_to, visible_in):
+    spec = {} if export_to is None else {"exportTo": export_to}
+    s = state(PLAIN_NS, pod("db-0", "198.18.1.5", {"app": "db"}),
+              entry(workloadSelector={"labels": {"app": "db"}}, **spec))
+    assert s.errors == []
+    view = s.service_entry_views[("shop", "ext")]
+    vip = se.allocated_vips(s)["shop/ext/api.example.com"][0]     # allocated whoever sees it
+    for ns in ("shop", "web", "other"):
+        seen = ns in visible_in
+        assert view.visible_to(ns) is seen
+        assert se.resolve_host(s, "api.example.com", ns) == ([vip, se.allocated_vips(s)["shop/ext/api.example.com"][1]]
+                                                             if seen else [])
+        assert (se.entry_for_ip(s, vip, ns) is not None) is seen
+        r = resolve(s, vip, 80, TD, namespace=ns)
+        # Not exported here: the address means nothing to this client, which
+        # gets plain passthrough to it (as a client that never heard of it).
+        assert (r.kind, r.ip) == (("passthrough", "198.18.1.5") if seen else ("passthrough", vip)), r
+        assert (r.service_host == "api.example.com") is seen
+    assert view.visible_to(None)                     # no client (status output): every entry
+
+
+def test_a_hidden_entry_gives_way_to_a_visible_one_with_the_same_host_or_address():
+    # "infra/a-hidden" sorts first, so it wins where it is seen.
+    hidden = entry(name="a-hidden", hosts=["api.example.com"], addresses=["198.18.9.9"], namespace="infra",
+                   exportTo=["."])
+    public = entry(name="b-public", hosts=["api.example.com"], addresses=["198.18.9.9"],
+                   endpoints=[{"address": "198.18.9.10"}])
+    wild = entry(name="c-wild", hosts=["*.example.com"], addresses=["198.18.9.11"], namespace="infra",
+                 exportTo=["."])
+    s = state(hidden, public, wild)
+    assert se.lookup_host(s, "api.example.com", "infra").entry.name == "a-hidden"
+    assert se.lookup_host(s, "api.example.com", "web").entry.name == "b-public"
+    assert se.lookup_host(s, "api.example.com").entry.name == "a-hidden"      # no client: first of all
+    assert se.entry_for_ip(s, "198.18.9.9", "infra")[0].name == "a-hidden"
+    assert se.entry_for_ip(s, "198.18.9.9", "web")[0].name == "b-public"
+    assert se.resolve_host(s, "x.example.com", "infra") == ["198.18.9.11"]
+    assert se.resolve_host(s, "x.example.com", "web") == []            # upstream
+
+
+# -- the service a ServiceEntry connection reports ------------------------------------
+
+def test_routes_name_the_entry_and_host_as_istiod_tells_ztunnel():
+    s = state(MESHED_NS, pod("db-0", "198.18.1.5", {"app": "db"}, sa="db"),
+              entry(hosts=["db.example.com", "db2.example.com"], workloadSelector={"labels": {"app": "db"}}),
+              entry(name="dns", hosts=["dns.example.com"], resolution="DNS", addresses=["198.18.9.20"]),
+              entry(name="empty", hosts=["empty.example.com"]))
+    for host in ("db.example.com", "db2.example.com"):
+        r = resolve(s, _vip(s, host), 80, TD)
+        assert (r.kind, r.service, r.service_host) == ("hbone", "shop/ext", host)
+    r = resolve(s, "198.18.9.20", 443, TD)
+    assert (r.kind, r.service, r.service_host) == ("passthrough", "shop/dns", "dns.example.com")
+    r = resolve(s, _vip(s, "empty.example.com"), 80, TD)
+    assert (r.kind, r.service, r.service_host) == ("no-endpoint", "shop/empty", "empty.example.com")
+    # Services keep no host of their own: theirs is name.namespace.svc.<domain>.
+    assert resolve(s, "198.18.1.5", 80, TD).service_host == ""
