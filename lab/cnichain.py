@@ -96,6 +96,35 @@ def validate_conflist(conflist: Any) -> dict:
     return conflist
 
 
+def restrict_families(conflist: Mapping, families: Iterable[str]) -> dict:
+    """A copy of ``conflist`` whose host-local IPAM hands out only ``families``
+    (``"IPv4"``, ``"IPv6"``): range sets and routes of other families are
+    dropped. What the lab's kubelet runs for a single-family pod on a
+    dual-stack node (``lab.model.IP_FAMILIES_ANNOTATION``); ADD and DEL must
+    see the same copy. Raises ValueError when a host-local IPAM is left with
+    no range, since the pod would get no address of the families asked for.
+    """
+    wanted = {6 if f == "IPv6" else 4 for f in families}
+    out = copy.deepcopy(dict(conflist))
+    for plugin in out["plugins"]:
+        ipam = plugin.get("ipam")
+        if not isinstance(ipam, dict) or ipam.get("type") != "host-local":
+            continue
+        if "ranges" in ipam:
+            ipam["ranges"] = [rs for rs in ipam["ranges"]
+                              if rs and _family(rs[0].get("subnet", "")) in wanted]
+            if not ipam["ranges"]:
+                raise ValueError(f"plugin {plugin['type']}: host-local has no range of "
+                                 f"{' or '.join(sorted(families))}")
+        if "routes" in ipam:
+            ipam["routes"] = [r for r in ipam["routes"] if _family(r.get("dst", "")) in wanted]
+    return out
+
+
+def _family(cidr: str) -> int:
+    return 6 if ":" in cidr else 4
+
+
 def plugin_config(conflist: Mapping, index: int, prev_result: Mapping | None = None,
                   runtime_config: Mapping | None = None) -> dict:
     """The configuration plugin ``index`` receives on stdin.

@@ -3,8 +3,10 @@
 A pod is a network namespace wired by its node's real CNI chain (loopback,
 then the node's conflist, with the kubelet's retry and DEL-after-failed-ADD
 behaviour) and a cgroup v2 directory its processes run in. A hostNetwork pod
-shares its node's namespace and gets no CNI call. Processes are started in a
-namespace and cgroup through ``sysops.child_setup``.
+shares its node's namespace and gets no CNI call. A pod annotated
+``lab.ambient-agent/ip-families`` gets only those families: its ADD and DEL
+run a copy of the conflist restricted to them (``cnichain.restrict_families``).
+Processes are started in a namespace and cgroup through ``sysops.child_setup``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class PodRuntime:
         ns, name, node = meta["namespace"], meta["name"], spec["nodeName"]
         key = model.pod_key(ns, name)
         host_net = bool(spec.get("hostNetwork"))
+        families = model.pod_ip_families(obj)
         pod = copy.deepcopy(obj)
         pod["metadata"].setdefault("uid", model.new_uid())
         uid = pod["metadata"]["uid"]
@@ -76,6 +79,8 @@ class PodRuntime:
                     "phase": "Pending", "container_id": None, "result": None,
                     "ips": [], "message": "",
                 }
+                if families is not None:
+                    p["families"] = list(families)
             sysops.cgroup_create(p["cgroup"])
             if p["netns"]:
                 sysops.create_netns(p["netns"])
@@ -93,6 +98,12 @@ class PodRuntime:
             conflist = self.read_conflist(node)
         except (OSError, ValueError) as exc:
             return self.set_failed(key, f"cannot read the CNI configuration of node {node}: {exc}")
+        if families is not None:
+            try:
+                conflist = cnichain.restrict_families(conflist, families)
+            except ValueError as exc:
+                return self.set_failed(key, f"annotation {model.IP_FAMILIES_ANNOTATION}: node {node}: {exc} "
+                                            "(IPv6 needs a lab made with dual_stack=True)")
         netns = sysops.netns_path(p["netns"])
         timeout = self.settings.pod_timeout
         deadline = time.monotonic() + timeout
@@ -133,9 +144,13 @@ class PodRuntime:
         return self.runner_factory(str(self.store.bin_dir), sysops.netns_path(nrec["netns"]),
                                    self.settings.cni_timeout)
 
-    def read_conflist(self, node: str) -> dict:
+    def read_conflist(self, node: str, families: list[str] | None = None) -> dict:
+        """The node's conflist; restricted to ``families`` for a single-family pod."""
         with open(self.store.conflist_path(node)) as f:
-            return cnichain.validate_conflist(json.load(f))
+            conflist = cnichain.validate_conflist(json.load(f))
+        if families is not None:
+            conflist = cnichain.restrict_families(conflist, families)
+        return conflist
 
     def set_running(self, key: str, ips: list[str], nrec: dict) -> None:
         ns, name = model.split_key(key)
@@ -196,7 +211,8 @@ class PodRuntime:
             sandbox = Sandbox(p["container_id"], sysops.netns_path(p["netns"]), ns, name, p["uid"])
             runner = self.runner(n)
             try:
-                errors = runner.del_network(self.read_conflist(p["node"]), sandbox, p.get("result"))
+                errors = runner.del_network(self.read_conflist(p["node"], p.get("families")), sandbox,
+                                            p.get("result"))
                 errors += runner.del_network(cnichain.LOOPBACK_CONFLIST, sandbox, None)
             except (OSError, ValueError) as exc:
                 errors = [exc]

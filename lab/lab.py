@@ -101,7 +101,9 @@ class Lab:
         benchmarks pass one that times every call. ``dual_stack``: nodes
         created afterwards also carry IPv6 (underlay and a second host-local
         range, addresses in ``lab/model.py``), so pods get an IPv4 and an IPv6
-        address, and dual-stack Services a second cluster IP.
+        address, and dual-stack Services a second cluster IP. A pod annotated
+        ``lab.ambient-agent/ip-families: IPv6`` is IPv6-only there (the CNI
+        chain runs with the IPv6 range alone; ``lab.model.pod_ip_families``).
         """
         self.settings = LabSettings(
             agent_args=list(agent_args), pod_timeout=float(pod_timeout), ambient_cni=ambient_cni,

@@ -16,6 +16,10 @@ as a second host-local range, its underlay address is
 ``fd00:198:18:ff<s, 2 hex digits>::<i+1>/64`` and dual-stack Services
 (``ipFamilyPolicy`` PreferDualStack/RequireDualStack, or ``ipFamilies``
 naming IPv6) get a second cluster IP from ``fd00:198:18:fe<s>::/112``.
+In such a lab a pod annotated ``lab.ambient-agent/ip-families: IPv6`` (a
+lab-only annotation, see ``pod_ip_families``) is IPv6-only: the kubelet runs
+the CNI chain for it with the IPv6 host-local range alone, so it has no IPv4
+address and no IPv4 route.
 
 Names: network namespaces ``alab-<lab>-wire``, ``alab-<lab>-n<i>``,
 ``alab-<lab>-p<j>``. Lab names end in a letter or digit and the suffixes
@@ -105,6 +109,32 @@ def underlay_ip6(slot: int, index: int) -> str:
 def service_cidr6(slot: int) -> str:
     _check_slot_index(slot, 0)
     return f"fd00:198:18:fe{slot:02x}::/112"
+
+
+# Lab-only pod annotation: the address families the pod's sandbox gets
+# ("IPv6" for an IPv6-only pod in a dual-stack lab; "IPv4,IPv6" is the default
+# there). A real cluster gives every pod all of its node's families; the lab
+# can do less so that a pod known only by its IPv6 address can be tested.
+IP_FAMILIES_ANNOTATION = "lab.ambient-agent/ip-families"
+IP_FAMILIES = ("IPv4", "IPv6")
+
+
+def pod_ip_families(pod: dict) -> tuple[str, ...] | None:
+    """The families a pod's annotation asks for (in ``IP_FAMILIES`` order), or
+    None when it has none (every family its node has). Raises ManifestError
+    on a value that names no family or an unknown one."""
+    meta = pod.get("metadata") or {}
+    value = (meta.get("annotations") or {}).get(IP_FAMILIES_ANNOTATION)
+    if value is None:
+        return None
+    where = f"Pod {meta.get('namespace')}/{meta.get('name')}: annotation {IP_FAMILIES_ANNOTATION}"
+    if not isinstance(value, str):
+        raise ManifestError(f"{where} must be a string such as \"IPv6\", got {value!r}")
+    asked = {part.strip() for part in value.split(",") if part.strip()}
+    unknown = asked - set(IP_FAMILIES)
+    if unknown or not asked:
+        raise ManifestError(f"{where}: {value!r} is not a comma-separated list of IPv4 and IPv6")
+    return tuple(f for f in IP_FAMILIES if f in asked)
 
 
 def wants_dual_stack(spec: dict) -> bool:
@@ -252,6 +282,10 @@ def normalise(obj: Any) -> dict:
         # As the API server does: the deprecated serviceAccount fills the name.
         spec.setdefault("serviceAccountName", spec.get("serviceAccount") or "default")
         spec.setdefault("hostNetwork", False)
+        families = pod_ip_families(obj)
+        if families is not None and spec["hostNetwork"]:
+            raise ManifestError(f"Pod {meta['namespace']}/{name}: {IP_FAMILIES_ANNOTATION} "
+                                "needs a pod network (hostNetwork pods have the node's addresses)")
     return obj
 
 

@@ -103,15 +103,30 @@ def settle(lab: Lab, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def running_lab(prefix: str, manifest: str):
-    """A uniquely named lab built from ``manifest``, agents settled; always torn down."""
-    lab = Lab(unique_name(prefix), pod_timeout=20.0)
+def running_lab(prefix: str, manifest: str, **lab_args):
+    """A uniquely named lab built from ``manifest``, agents settled; always torn down.
+    ``lab_args`` go to ``Lab`` (``dual_stack=True``, ``agent_args=[...]``)."""
+    lab = Lab(unique_name(prefix), **{"pod_timeout": 20.0, **lab_args})
     try:
         lab.up(manifest)
         settle(lab)
         yield lab
     finally:
         lab.down()
+
+
+def resolv_container(lab: Lab, pod: str, resolv_conf) -> subprocess.Popen:
+    """A pod's "container" for DNS tests: a process of the pod in a private mount
+    namespace that sees ``resolv_conf`` as /etc/resolv.conf (lab pods share the
+    host's files). Run commands in it with ``nsenter -t <pid> -m``; the agent
+    reads the pod's resolv.conf through it too. The caller kills it."""
+    holder = lab.exec(pod, ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            f"mount --bind {resolv_conf} /etc/resolv.conf && echo ready && exec sleep 600"],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if holder.stdout.readline().strip() != "ready":
+        holder.kill()
+        raise AssertionError(f"no container in {pod}: {holder.stderr.read()}")
+    return holder
 
 
 @contextlib.contextmanager

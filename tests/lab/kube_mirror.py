@@ -39,7 +39,7 @@ class KubeMirror:
         self._thread = threading.Thread(target=self._run, name="kube-mirror", daemon=True)
         self.errors: list[str] = []
 
-    def __enter__(self) -> "KubeMirror":
+    def __enter__(self) -> KubeMirror:
         self.sync()
         self._thread.start()
         return self

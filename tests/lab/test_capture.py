@@ -13,9 +13,8 @@ import subprocess
 
 import pytest
 
-from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest, namespace, pod
-from tests.lab.conftest import running_lab, settle, agent_pod, connect, counters, unique_name, wait_for
+from tests.lab.conftest import agent_pod, connect, counters, running_lab, wait_for
 
 MANIFEST = manifest(
     MESH_NAMESPACE, namespace("plain"), MESH_CLIENT, MESH_SERVER,

@@ -15,8 +15,7 @@ import sys
 import pytest
 
 from agent.capture import datapath
-from agent.capture.datapath import (BPFFS, CGROUP_PROGRAMS, MAPS, SK_LOOKUP_PIN, CaptureDatapath,
-                                    teardown)
+from agent.capture.datapath import BPFFS, CGROUP_PROGRAMS, MAPS, SK_LOOKUP_PIN, CaptureDatapath, teardown
 from lab import sysops
 from tests.lab.conftest import unique_name
 

@@ -19,6 +19,7 @@ Resolvers: glibc's (``socket.getaddrinfo``, over UDP and with
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import pytest
 
 from lab.lab import Lab
 from tests.builders import AMBIENT, manifest, namespace, pod, service
-from tests.lab.conftest import agent_pod, running_lab, settle, unique_name
+from tests.lab.conftest import agent_pod, resolv_container, running_lab, settle, unique_name
 from tests.lab.test_observe import fetch, series
 
 DNS_SERVER = str(Path(__file__).with_name("dns_server.py"))
@@ -94,13 +95,8 @@ def lab(tmp_path_factory):
             containers = {}
             for p, path in (("mesh/client", conf), ("mesh/optout", conf), ("plain/client", conf),
                             ("mesh/broken", dead)):
-                # The pod's "container": a private mount namespace seeing `path` as /etc/resolv.conf.
-                holder = lab.exec(p, ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                      f"mount --bind {path} /etc/resolv.conf && echo ready && exec sleep 600"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                holders.append(holder)
-                assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
-                containers[p] = holder.pid
+                holders.append(resolv_container(lab, p, path))
+                containers[p] = holders[-1].pid
             lab.dns_log = log                 # type: ignore[attr-defined]
             lab.containers = containers       # type: ignore[attr-defined]
             yield lab
@@ -244,9 +240,10 @@ def test_malformed_queries_and_floods_harm_no_one(lab):
             for k in ("formerr", "dropped", "ratelimited")}
     # (Rate limiting itself: tests/unit/test_dns_server_limits.py; this burst may stay under it.)
     assert grew["formerr"] > 0 and grew["dropped"] > 0, grew
-    # What the socket buffer held (the kernel drops the rest of such a burst) was each counted once.
+    # What the socket buffer held (the kernel drops the rest of such a burst,
+    # more of it on a loaded machine) was each counted once.
     queries = after["udp"] + after["tcp"] - before["udp"] - before["tcp"]
-    assert sum(grew.values()) == queries >= 1000, (grew, after, before)
+    assert sum(grew.values()) == queries >= 300, (grew, after, before)
     # Other pods are served at once; the flooding pod again once its rate allows.
     assert dig(lab, "mesh/broken", "web.mesh.svc.cluster.local") == [service_ip(lab, "web")]
     assert dig(lab, "mesh/client", "external.example") == [EXTERNAL]
@@ -304,9 +301,18 @@ def test_node_flag_switches_dns_capture_off(tmp_path):
 GETADDRINFO6 = GETADDRINFO.replace("socket.AF_INET,", "socket.AF_INET6,")
 
 
+WILD6 = "fd00:198:18:252::9"
+V4ONLY_UPSTREAM6 = "fd00:198:18:250::7"   # what the test's "cluster DNS" says (AAAA) for a single-stack Service
+
+
 def test_ipv6_pods_resolve_through_the_capture(tmp_path):
     """A dual-stack lab: the pod's resolver is the DNS pod's IPv6 address, so queries
-    go through sendmsg6/recvmsg6 (UDP) and connect6 (TCP) to the agent's [::1]:15053."""
+    go through sendmsg6/recvmsg6 (UDP) and connect6 (TCP) to the agent's [::1]:15053.
+    AAAA answered by the agent: a dual-stack Service's IPv6 cluster IP, a headless
+    Service's pod IPv6 address, a ServiceEntry host's auto-allocated IPv6 VIP and a
+    wildcard host's own IPv6 address; a single-stack IPv4 Service has no AAAA (an
+    empty NOERROR from the agent, never the upstream's record).
+    IPv6-only pods: tests/lab/test_ipv6_only.py."""
     lab = Lab(unique_name("dns6"), pod_timeout=20.0, dual_stack=True)
     log = tmp_path / "queries.log"
     log.touch()
@@ -314,10 +320,24 @@ def test_ipv6_pods_resolve_through_the_capture(tmp_path):
     try:
         web = {**service("web", "mesh", selector={"app": "web"}, ports=[{"port": 80}])}
         web["spec"]["ipFamilyPolicy"] = "PreferDualStack"
+        headless = service("db", "mesh", selector={"app": "db"}, ports=[{"port": 5432}])
+        headless["spec"].update(clusterIP="None", ipFamilyPolicy="PreferDualStack")
         lab.up(manifest(namespace("mesh", AMBIENT), namespace("plain"),
-                        pod("client", "mesh", node="node1"), pod("dns", "plain", node="node2"), web))
+                        pod("client", "mesh", node="node1"), pod("dns", "plain", node="node2"),
+                        pod("server", "mesh", node="node2", labels={"app": "db"}), web, headless,
+                        service("v4only", "mesh", selector={"app": "web"}, ports=[{"port": 80}]),
+                        {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                         "metadata": {"name": "api", "namespace": "mesh"},
+                         "spec": {"hosts": ["api.external.test"], "resolution": "STATIC",
+                                  "ports": [{"number": 80, "name": "tcp", "protocol": "TCP"}],
+                                  "endpoints": [{"address": "fd00:198:18:252::1"}]}},
+                        {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                         "metadata": {"name": "wild6", "namespace": "mesh"},
+                         "spec": {"hosts": ["*.wild6.test"], "addresses": [WILD6], "resolution": "NONE",
+                                  "ports": [{"number": 80, "name": "tcp", "protocol": "TCP"}]}}))
         settle(lab)
-        server = lab.exec("plain/dns", [sys.executable, DNS_SERVER, json.dumps(ZONE), str(log)],
+        zone = {**ZONE, "v4only.mesh.svc.cluster.local.": [V4ONLY_UPSTREAM6]}
+        server = lab.exec("plain/dns", [sys.executable, DNS_SERVER, json.dumps(zone), str(log)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(server)
         assert server.stdout.readline().strip() == "ready", server.stderr.read()
@@ -325,11 +345,8 @@ def test_ipv6_pods_resolve_through_the_capture(tmp_path):
         conf = tmp_path / "resolv.conf"
         conf.write_text(f"nameserver {dns6}\nsearch mesh.svc.cluster.local svc.cluster.local cluster.local\n"
                         "options ndots:5 timeout:3 attempts:2\n")
-        holder = lab.exec("mesh/client", ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                          f"mount --bind {conf} /etc/resolv.conf && echo ready && exec sleep 600"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        holder = resolv_container(lab, "mesh/client", conf)
         procs.append(holder)
-        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
         lab.containers = {"mesh/client": holder.pid}      # type: ignore[attr-defined]
         svc = next(i for i in json.loads(Path(lab.state_path).read_text())["items"]
                    if i["kind"] == "Service" and i["metadata"]["name"] == "web")
@@ -342,8 +359,32 @@ def test_ipv6_pods_resolve_through_the_capture(tmp_path):
             done = in_container(lab, "mesh/client", ["dig", f"@{dns6}", "web.mesh.svc.cluster.local", "AAAA",
                                                      "+short", "+time=3", "+tries=2", *opts])
             assert done.stdout.split() == [web6], done.stdout + done.stderr
+        status = lab.agent_request("node1", {"op": "status"})
+        api6 = status["dns"]["allocated_vips"]["mesh/api/api.external.test"][1]
+        assert ipaddress.ip_address(api6) in ipaddress.ip_network("2001:2::/48"), status["dns"]
+        server6 = next(i["ip"] for i in lab.pod("mesh/server")["status"]["podIPs"] if ":" in i["ip"])
+        expected = {"api.external.test": [api6], "x.wild6.test": [WILD6], "db.mesh.svc.cluster.local": [server6],
+                    "v4only.mesh.svc.cluster.local": []}
+        for opts in ((), ("+tcp",)):
+            for name, want in expected.items():
+                done = in_container(lab, "mesh/client", ["dig", f"@{dns6}", name, "AAAA", "+time=3",
+                                                         "+tries=2", *opts])
+                assert "status: NOERROR" in done.stdout, done.stdout + done.stderr
+                got = sorted(line.split()[-1] for line in done.stdout.splitlines()
+                             if "\tAAAA\t" in line and not line.startswith(";"))
+                assert got == want, (name, opts, done.stdout)
+        done = in_container(lab, "mesh/client", [sys.executable, "-c", GETADDRINFO6, "api.external.test",
+                                                 "x.wild6.test", "db"])
+        assert json.loads(done.stdout) == {"api.external.test": [api6], "x.wild6.test": [WILD6],
+                                           "db": [server6]}, done.stderr
+        # The upstream was never asked for the single-stack Service's AAAA record.
+        asked = log.read_text().splitlines()
+        assert not {f"{how} v4only.mesh.svc.cluster.local. AAAA" for how in ("udp", "tcp")} & set(asked), asked
+        assert not [q for q in asked if q.split()[1] in ("api.external.test.", "x.wild6.test.")], asked
         counted = lab.agent_request("node1", {"op": "status"})["dns"]["pods"]["mesh/client"]
-        assert counted["outcomes"]["local"] >= 4 and counted["outcomes"]["forwarded"] >= 2, counted
+        # local: 4 for web, 6 dig and 3 getaddrinfo answers above; nodata: v4only's AAAA over UDP and TCP.
+        assert counted["outcomes"]["local"] >= 13 and counted["outcomes"]["nodata"] >= 2, counted
+        assert counted["outcomes"]["forwarded"] >= 2, counted
         assert counted["udp"] > 0 and counted["tcp"] > 0, counted
     finally:
         for proc in procs:

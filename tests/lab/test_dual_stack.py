@@ -74,8 +74,10 @@ def test_pods_get_an_ipv4_and_an_ipv6_address_and_the_underlay_carries_both(lab)
 
 
 def test_discovery_finds_the_pod_by_its_ipv6_address(lab):
-    # The agent matched the pod's netns by the addresses in its status (both
-    # families) and steers both: its record lists the IPv6 address too.
+    # The agent records both families of the pod and steers both: its record
+    # lists the IPv6 address too. (These pods came through CNI ADD, and have
+    # IPv4 as well; the scan that finds a pod's netns by an IPv6 address alone
+    # is tested with IPv6-only pods in test_ipv6_only.py.)
     for name, node in (("mesh/client", "node1"), ("mesh/server", "node2")):
         p = agent_pod(lab, node, name)
         assert p["enrolled"], p

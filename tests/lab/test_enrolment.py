@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from lab.lab import Lab
 from lab import sysops
-from tests.lab.conftest import agent_pod, connect, unique_name
+from lab.lab import Lab
+from tests.lab.conftest import agent_pod, unique_name
 
 NAMESPACES = """
 apiVersion: v1

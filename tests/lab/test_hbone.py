@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ import pytest
 from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, manifest, pod, service
 from tests.interop.certs import CertFiles
-from tests.interop.peers import nghttpx_hbone_server, node_hbone_client, node_hbone_server
-from tests.lab.conftest import running_lab, settle, agent_pod, connect, counters, unique_name, wait_for
+from tests.interop.peers import nghttpx_hbone_server, node_hbone_client
+from tests.lab.conftest import agent_pod, connect, counters, running_lab, settle, unique_name, wait_for
 
 HERE = Path(__file__).parent
 MANIFEST = manifest(

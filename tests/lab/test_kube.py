@@ -19,10 +19,10 @@ import sys
 
 import pytest
 
-from lab import model, sysops
-from lab.lab import Lab
 from agent.netns import NetnsSwitcher, open_netns
+from lab import model, sysops
 from lab.kubeapi.server import KubeApiServer
+from lab.lab import Lab
 from tests.lab.conftest import agent_pod, connect, counters, unique_name, wait_for
 from tests.lab.kube_mirror import KubeMirror
 from tests.lab.test_observe import fetch

@@ -36,11 +36,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import model, sysops
-from lab.lab import Lab
 from agent.netns import NetnsSwitcher, open_netns
-from tests.kubeapi.kubectl import Kubectl, need_kubectl
+from lab import model, sysops
 from lab.kubeapi.server import KubeApiServer
+from lab.lab import Lab
+from tests.kubeapi.kubectl import Kubectl, need_kubectl
 from tests.lab.conftest import connect, counters, unique_name, wait_for
 from tests.lab.kube_mirror import KubeMirror
 

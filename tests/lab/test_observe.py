@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.lab import Lab
-from tests.lab.conftest import PEER, running_lab, agent_pod, connect, settle, unique_name, wait_for
+from tests.lab.conftest import PEER, connect, running_lab, settle, wait_for
 
 MANIFEST = """
 apiVersion: v1

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.lab import Lab
 from tests.builders import AMBIENT, allow_from, manifest, namespace, pod, strict_mtls
-from tests.lab.conftest import running_lab, settle, agent_pod, connect, unique_name, wait_for
+from tests.lab.conftest import agent_pod, connect, running_lab, settle, wait_for
 
 HERE = Path(__file__).parent
 MANIFEST = manifest(

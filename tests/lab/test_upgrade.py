@@ -23,8 +23,8 @@ import time
 import pytest
 
 from agent.capture import inpod
-from lab.lab import Lab
 from agent.netns import NetnsSwitcher
+from lab.lab import Lab
 from tests.builders import MESH, manifest, pod
 from tests.lab.conftest import PEER, agent_pod, settle, unique_name, wait_for
 
@@ -287,7 +287,7 @@ def test_closing_a_pod_listener_moves_its_queue_to_the_other_agents(tmp_path):
         while len(accepted) < len(conns):
             try:
                 accepted.append(new_in.accept()[0])
-            except socket.timeout:
+            except TimeoutError:
                 break
         made += accepted
         assert len(accepted) == len(conns)   # all of them, the old listener's too

@@ -192,3 +192,38 @@ def test_validate_conflist(conflist, problem):
 
 def test_loopback_network_is_valid():
     assert cnichain.validate_conflist(cnichain.LOOPBACK_CONFLIST)["plugins"] == [{"type": "loopback"}]
+
+
+DUAL_STACK = {
+    "cniVersion": "1.0.0", "name": "ambient-lab",
+    "plugins": [
+        {"type": "bridge", "bridge": "cni0",
+         "ipam": {"type": "host-local", "dataDir": "/d",
+                  "ranges": [[{"subnet": "198.18.1.0/24"}], [{"subnet": "fd00:198:18:1::/64"}]],
+                  "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
+        {"type": "ambient-cni", "agent_socket": "/x/agent.sock"},
+    ],
+}
+
+
+@pytest.mark.parametrize("families, ranges, routes", [
+    (["IPv6"], [[{"subnet": "fd00:198:18:1::/64"}]], [{"dst": "::/0"}]),
+    (["IPv4"], [[{"subnet": "198.18.1.0/24"}]], [{"dst": "0.0.0.0/0"}]),
+    (["IPv4", "IPv6"], DUAL_STACK["plugins"][0]["ipam"]["ranges"], DUAL_STACK["plugins"][0]["ipam"]["routes"]),
+])
+def test_restrict_families_keeps_only_the_ranges_and_routes_of_those_families(families, ranges, routes):
+    before = copy.deepcopy(DUAL_STACK)
+    out = cnichain.restrict_families(DUAL_STACK, families)
+    assert out["plugins"][0]["ipam"] == {"type": "host-local", "dataDir": "/d", "ranges": ranges, "routes": routes}
+    assert out["plugins"][1:] == DUAL_STACK["plugins"][1:]      # the rest of the chain as it was
+    assert before == DUAL_STACK                                  # a copy: the node's conflist is untouched
+
+
+def test_restrict_families_refuses_to_leave_no_range():
+    ipv4_only = copy.deepcopy(DUAL_STACK)
+    ipv4_only["plugins"][0]["ipam"]["ranges"] = [[{"subnet": "198.18.1.0/24"}]]
+    with pytest.raises(ValueError, match="no range of IPv6"):
+        cnichain.restrict_families(ipv4_only, ["IPv6"])
+    # A plugin without host-local IPAM is left alone.
+    other = {"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "x", "ipam": {"type": "dhcp"}}]}
+    assert cnichain.restrict_families(other, ["IPv6"]) == other

@@ -143,3 +143,32 @@ def test_node_object_keeps_given_labels():
     assert node["metadata"]["labels"] == {"zone": "z1", "kubernetes.io/hostname": "n1"}
     assert node["status"]["addresses"][0] == {"type": "InternalIP", "address": "198.19.0.1"}
     assert node["spec"]["podCIDRs"] == ["198.18.0.0/24"]
+
+
+@pytest.mark.parametrize("value, families", [
+    (None, None),
+    ("IPv6", ("IPv6",)),
+    ("IPv4", ("IPv4",)),
+    (" IPv6 , IPv4 ", ("IPv4", "IPv6")),
+])
+def test_pod_ip_families_annotation(value, families):
+    annotations = {} if value is None else {model.IP_FAMILIES_ANNOTATION: value}
+    pod = {"kind": "Pod", "metadata": {"name": "p", "namespace": "ns", "annotations": annotations},
+           "spec": {"nodeName": "node1"}}
+    assert model.pod_ip_families(pod) == families
+    assert model.normalise(pod)["metadata"]["annotations"] == annotations
+
+
+@pytest.mark.parametrize("value, host_network, problem", [
+    ("ipv6", False, "not a comma-separated list"),
+    ("", False, "not a comma-separated list"),
+    ("IPv6,IPv5", False, "not a comma-separated list"),
+    (6, False, "must be a string"),
+    ("IPv6", True, "needs a pod network"),
+])
+def test_pod_ip_families_annotation_errors(value, host_network, problem):
+    pod = {"kind": "Pod", "metadata": {"name": "p", "namespace": "ns",
+                                       "annotations": {model.IP_FAMILIES_ANNOTATION: value}},
+           "spec": {"nodeName": "node1", "hostNetwork": host_network}}
+    with pytest.raises(ManifestError, match=problem):
+        model.normalise(pod)
