@@ -586,13 +586,14 @@ class NodeAgent:
         for action in self.life.handle(StateChanged(state)):
             if isinstance(action, RevalidateConnections):
                 self._revalidate()
-        self._sync_dns_capture()
 
     def _sync_dns_capture(self) -> None:
         """A captured pod whose ``ambient.istio.io/dns-capture`` annotation now
-        says otherwise has its DNS steered on or off at once, not at its next
-        capture. Turning it off leaves the pod's DNS proxy serving (nothing is
-        steered to it); a failure is logged and retried at the next state."""
+        says otherwise has its DNS steered on or off by the node reconciler
+        (which runs at every state change), not at its next capture. Turning
+        it off leaves the pod's DNS proxy serving (nothing is steered to it);
+        a failure is logged and retried at the next check. Changes BPF state:
+        only under ``_changing()``."""
         for key, pod in self.captured.items():
             ns, _, name = key.partition("/")
             view = self.state.pod_view(ns, name)
@@ -868,6 +869,7 @@ class NodeAgent:
         await self._reconcile()
         async with self._changing():
             self._verify_capture()
+            self._sync_dns_capture()
         missing = self.life.unrecorded()
         if missing:
             views = await loop.run_in_executor(None, discover.scan, self.switcher,

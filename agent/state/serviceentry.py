@@ -26,11 +26,13 @@ serviceentry`` before its allocation controller, adapted so the result does
 not depend on the order entries arrive in):
 
 * who gets one: a non-wildcard host of an entry with no ``spec.addresses`` and
-  ``resolution: STATIC``. Istio also allocates for ``DNS`` entries, then
-  resolves the host itself in the proxy; this agent has no resolving upstream,
-  so a ``DNS`` entry is answered by the upstream resolver and its traffic
-  passes through to the real address (issue 14, point 4). ``NONE`` never gets
-  one, as in Istio (the original destination would be lost);
+  ``resolution: STATIC``. Istio also allocates for ``DNS`` entries, but in
+  ambient istiod sends such an entry to ztunnel only when an egress waypoint
+  serves it (it warns "dynamic DNS service entry with no egress waypoint"
+  otherwise), and there is no waypoint here: so a ``DNS`` entry is answered
+  by the upstream resolver and its traffic passes through to the real
+  address (issue 14, point 4). ``NONE`` never gets one, as in Istio (the
+  original destination would be lost);
 * the range: IPv4 ``240.240.0.0/16`` (reserved Class E, never routed) and
   IPv6 ``2001:2::/48`` (RFC 5180 benchmarking), Istio's defaults. Slot ``s``
   (0 .. 65023) is ``240.240.<s // 254>.<s % 254 + 1>`` (never .0 or .255)
