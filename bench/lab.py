@@ -22,6 +22,7 @@ from lab.lab import Lab
 from lab.runtime import CniRunner
 
 LOADGEN = str(Path(__file__).with_name("loadgen.py"))
+DNSLOAD = str(Path(__file__).with_name("dnsload.py"))
 REPO = Path(__file__).resolve().parents[1]
 ECHO_PORT = 8080
 IPERF_PORT = 5201
@@ -75,6 +76,26 @@ apiVersion: v1
 kind: Pod
 metadata: {name: server, namespace: plain}
 spec: {nodeName: node2, containers: [{name: c, image: none}]}
+"""
+
+# Scenario 8 (DNS), added to the lab only when it runs: the cluster DNS
+# stand-in (an unmeshed pod on the other node, as CoreDNS would be) and a
+# Service whose name the agent answers for meshed pods. The Service selects
+# no pod: its DNS answer is its cluster IP whatever its endpoints, and no
+# other scenario's traffic can meet it.
+DNS_POD = "plain/dns"
+DNS_SERVICE = ("dnsbench", "mesh")
+DNS_EXTERNAL = ("www.external.example.", "198.18.250.1")    # forwarded by the proxy; address never dialled
+DNS_MANIFEST = """
+apiVersion: v1
+kind: Pod
+metadata: {name: dns, namespace: plain}
+spec: {nodeName: node2, containers: [{name: c, image: none}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dnsbench, namespace: mesh}
+spec: {selector: {app: dnsbench}, ports: [{port: 80}]}
 """
 
 # Who talks to whom in each variant: (client pod, server pod).
@@ -194,6 +215,7 @@ class BenchLab:
                             agent_args=agent_args or ())
         self.procs: list[subprocess.Popen] = []
         self.iptables_rules: list[tuple[str, list[str]]] = []
+        self.dns: dict | None = None
 
     @property
     def name(self) -> str:
@@ -319,6 +341,66 @@ class BenchLab:
             except Exception as exc:      # the pod may already be gone with its netns (and rules)
                 problems.append(f"iptables -D in {pod}: {exc}")
         return problems
+
+    # -- scenario 8: a cluster DNS, and clients that see it in resolv.conf --
+
+    def dns_up(self) -> dict:
+        """Start the cluster DNS stand-in and give both client pods a resolv.conf naming it.
+
+        Lab pods share the host's files, so, as in tests/lab/test_dns.py, a
+        pod's "container" is a process holding a private mount namespace
+        with the lab's resolv.conf bound over /etc/resolv.conf. The agent
+        reads the meshed pod's upstream from there (``PodResolvConf``:
+        /proc/<pid>/root of a pod process in another mount namespace), and
+        the DNS client runs in that mount namespace (``nsenter -m``), as a
+        container's process would. Idempotent; returns the names, addresses
+        and holders. Everything goes with ``close()`` (processes) and the lab
+        (the pod, the Service, the file in the lab's directory).
+        """
+        if self.dns is not None:
+            return self.dns
+        res = self.lab.up(DNS_MANIFEST)
+        if res["failed"]:
+            raise RuntimeError(f"DNS pod: {res['failed']}")
+        self.lab.settle(20.0)
+        svc, ns = DNS_SERVICE
+        items = json.loads(Path(self.lab.state_path).read_text())["items"]
+        svc_ip = next(i["spec"]["clusterIP"] for i in items
+                      if i["kind"] == "Service" and i["metadata"]["name"] == svc
+                      and i["metadata"]["namespace"] == ns)
+        service_name = f"{svc}.{ns}.svc.cluster.local."
+        zone = {service_name: [svc_ip], DNS_EXTERNAL[0]: [DNS_EXTERNAL[1]]}
+        self.background(DNS_POD, [sys.executable, DNSLOAD, "serve", json.dumps(zone)], ready=True)
+        conf = self.lab.dir / "bench-resolv.conf"
+        conf.write_text(f"nameserver {self.ip(DNS_POD)}\n"
+                        "search mesh.svc.cluster.local svc.cluster.local cluster.local\n"
+                        "options ndots:5\n")
+        holders = {}
+        for pod in (PAIRS["baseline"][0], PAIRS["mesh"][0]):
+            holder = self.background(pod, ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                           f"mount --bind {conf} /etc/resolv.conf && echo '{{\"ready\": 1}}' "
+                                           "&& exec sleep infinity"], ready=True)
+            holders[pod] = holder.pid
+        self.dns = {"server": self.ip(DNS_POD), "holders": holders,
+                    "names": {"service": (service_name, svc_ip), "external": DNS_EXTERNAL}}
+        return self.dns
+
+    def dns_query(self, variant: str, kind: str, *args: str, timeout: float = 120.0) -> dict:
+        """bench/dnsload.py ``query`` in the variant's client pod, in its "container" (mount namespace)."""
+        dns = self.dns_up()
+        pod = PAIRS[variant][0]
+        name, expect = dns["names"][kind]
+        argv = ["nsenter", "-t", str(dns["holders"][pod]), "-m", "--",
+                sys.executable, DNSLOAD, "query", name, "--expect", expect, *args]
+        done = self.lab.run(pod, argv, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"dnsload in {pod} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def dns_counters(self, node: str, pod: str) -> dict:
+        """The agent's DNS proxy counters for one pod: outcomes (local, forwarded, ratelimited, ...)."""
+        status = self.lab.agent_request(node, {"op": "status"})
+        return (status.get("dns") or {}).get("pods", {}).get(pod, {"outcomes": {}, "udp": 0, "tcp": 0})
 
     # -- pods for scaling / CNI -------------------------------------------
 

@@ -39,6 +39,7 @@ SCENARIOS = {
     "5": "5_capture_cost",
     "6": "6_cni",
     "7": "7_scaling",
+    "8": "8_dns",
 }
 
 
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt("6_cni", lambda: scenarios.cni(bl, cfg))
         if "7" in only:
             attempt("7_scaling", lambda: scenarios.scaling(bl, cfg))
+        if "8" in only:
+            attempt("8_dns", lambda: scenarios.dns(bl, cfg))
         results["scenarios"] = dict(sorted(results["scenarios"].items()))
         results["targets"] = targets(results)
     finally:

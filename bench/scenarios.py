@@ -13,9 +13,10 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
-from bench.lab import LOADGEN, AgentMeter, BenchLab, idle_connections
+from bench.lab import LOADGEN, PAIRS, AgentMeter, BenchLab, idle_connections
 from bench.report import row
 
 
@@ -33,12 +34,17 @@ class Config:
     cni_batch: int = 100
     scale_pods: tuple = (1, 10, 100)
     scale_conns: tuple = (1, 64, 1024)
+    dns_queries: int = 2000      # counted queries per sequential DNS run
+    dns_warmup: int = 50         # queries sent first in each DNS run, not counted
+    dns_concurrency: int = 8     # queries in flight in the DNS queries/s run
+    dns_burst: int = 3000        # counted queries in that run: within the proxy's per-pod burst (4000)
 
     @classmethod
     def for_mode(cls, short: bool) -> "Config":
         if short:
             return cls(short=True, repeats=2, duration=0.8, warmup=0.15, idle_conns=64,
-                       cni_sequential=3, cni_batch=10, scale_pods=(1, 10), scale_conns=(1, 64))
+                       cni_sequential=3, cni_batch=10, scale_pods=(1, 10), scale_conns=(1, 64),
+                       dns_queries=300, dns_warmup=20, dns_burst=1000)
         return cls(short=False, repeats=3, duration=4.0, warmup=0.5)
 
 
@@ -408,3 +414,107 @@ def scaling(bl: BenchLab, cfg: Config) -> dict:
             "notes": ["Enrolled pods beyond the client are idle; node1's agent holds listeners and BPF "
                       "entries for each. The first level counts the pods the bench itself enrolls on node1 "
                       "(the client pods)."]}
+
+
+# --- 8: DNS through the agent's proxy ---------------------------------------------
+
+DNS_KINDS = {"external": "external name (the proxy forwards it)",
+             "service": "Service name (the agent answers it)"}
+
+
+def dns(bl: BenchLab, cfg: Config) -> dict:
+    from agent.dns.server import QUERY_BURST, QUERY_RATE
+    if cfg.dns_warmup + cfg.dns_burst > QUERY_BURST:
+        raise ValueError(f"{cfg.dns_warmup} + {cfg.dns_burst} queries exceed the proxy's burst of {QUERY_BURST:g}")
+    # Before each in-flight run (either variant): time for the proxy's token
+    # bucket to refill from empty to what the run takes, so no run meets the
+    # limiter left over from the previous one.
+    refill = (cfg.dns_warmup + cfg.dns_burst) / QUERY_RATE
+    info = bl.dns_up()
+    mesh_pod = PAIRS["mesh"][0]
+    start = bl.dns_counters("node1", mesh_pod)["outcomes"]
+
+    def run(variant: str, kind: str, *args: str) -> dict:
+        before = bl.dns_counters("node1", mesh_pod)["outcomes"]
+        res = bl.dns_query(variant, kind, *args)
+        if res["errors"]:
+            raise RuntimeError(f"{variant}, {kind} name: {res['errors']} wrong answers "
+                               f"(first: {res['first_error']})")
+        if not res["queries"]:
+            raise RuntimeError(f"{variant}, {kind} name: no query answered ({res['timeouts']} timed out)")
+        after = bl.dns_counters("node1", mesh_pod)["outcomes"]
+        res["agent"] = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))}
+        # The mesh figures must be the proxy's: every counted query answered by
+        # the agent itself (Service) or forwarded by it (external name).
+        want = "local" if kind == "service" else "forwarded"
+        if variant == "mesh" and res["agent"].get(want, 0) < res["queries"]:
+            raise RuntimeError(f"mesh, {kind} name: the agent counted {res['agent']} for "
+                               f"{res['queries']} answered queries: not all went through its proxy")
+        if variant == "baseline" and any(res["agent"].values()):
+            raise RuntimeError(f"baseline run moved the meshed pod's DNS counters: {res['agent']}")
+        return res
+
+    warm = ("--warmup", str(cfg.dns_warmup))
+
+    def one_at_a_time(v: str, kind: str) -> dict:
+        return run(v, kind, "--count", str(cfg.dns_queries), *warm)
+
+    def in_flight(v: str, kind: str) -> dict:
+        time.sleep(refill)
+        return run(v, kind, "--count", str(cfg.dns_burst), "--concurrency", str(cfg.dns_concurrency), *warm)
+
+    variants = ("baseline", "mesh")
+    seq = {kind: alternate({v: partial(one_at_a_time, v, kind) for v in variants}, cfg.repeats) for kind in DNS_KINDS}
+    conc = {kind: alternate({v: partial(in_flight, v, kind) for v in variants}, cfg.repeats) for kind in DNS_KINDS}
+    limited = [(how, kind, i, r["agent"]["ratelimited"]) for how, runs in (("one at a time", seq), ("in flight", conc))
+               for kind in DNS_KINDS for i, r in enumerate(runs[kind]["mesh"]) if r["agent"].get("ratelimited")]
+    end = bl.dns_counters("node1", mesh_pod)["outcomes"]
+    agent = {k: end.get(k, 0) - start.get(k, 0) for k in sorted(set(start) | set(end))}
+    rows = []
+    for kind, label in DNS_KINDS.items():
+        rows += latency_rows(seq[kind], f"{label}, one at a time")
+    for kind, label in DNS_KINDS.items():
+        rows.append(row(f"{label}, {cfg.dns_concurrency} in flight", "queries/s", pick(conc[kind], "rate")))
+        rows.append(row(f"{label}, {cfg.dns_concurrency} in flight, p99", "ms", pick(conc[kind], "p99"),
+                        added=("mesh", "baseline")))
+    timeouts = {v: sum(r["timeouts"] for runs in (*seq.values(), *conc.values()) for r in runs[v])
+                for v in ("baseline", "mesh")}
+    service_name, service_ip = info["names"]["service"]
+    external_name, external_ip = info["names"]["external"]
+    return {"title": "DNS: A queries through the agent's DNS proxy against straight to the cluster DNS",
+            "rows": rows,
+            "raw": {"sequential": seq, "concurrent": conc, "agent": agent, "timeouts": timeouts,
+                    "ratelimited_runs": limited,
+                    "server": info["server"], "names": info["names"]},
+            "notes": [
+                f"A cluster DNS stand-in (bench/dnsload.py serve, pod {info['server']} on node2, outside the "
+                f"mesh) answers {service_name} with the Service's cluster IP {service_ip} (as CoreDNS would) "
+                f"and {external_name} with {external_ip}. Both client pods on node1 see a resolv.conf naming "
+                "it; the client (bench/dnsload.py query, dnspython-built queries on a connected UDP socket, "
+                "as glibc uses) runs in the pod's container mount namespace and sends to that nameserver. "
+                "baseline = plain/client: straight to the server. mesh = mesh/client: bpf/dns.c steers the "
+                "query to the agent's proxy on 127.0.0.1:15053 in the pod's namespace, which answers the "
+                "Service name from its cluster model and forwards the external name (a new marked socket "
+                "per query, from the pod's namespace) to the pod's resolv.conf nameserver, i.e. the same "
+                "server.",
+                f"One at a time: {cfg.dns_queries} counted queries per run after {cfg.dns_warmup} not "
+                "counted; send, wait for the reply, send the next; latency from just before send() to the "
+                "reply. p50/p90/p99 are per run, each cell the median of the runs. In flight: "
+                f"{cfg.dns_concurrency} sockets with one query outstanding each, {cfg.dns_burst} counted "
+                "queries per run. Every reply is checked (NOERROR, exactly the expected address); a wrong "
+                "answer fails the scenario.",
+                f"The agent's counters for mesh/client over the scenario: {agent} (local = answered by "
+                "the agent, forwarded = upstream's answer passed on; every mesh run is checked to have "
+                f"gone through the proxy). Queries unanswered within 1 s (sent again, not counted): "
+                f"baseline {timeouts['baseline']}, mesh {timeouts['mesh']}.",
+                f"The proxy limits each pod to {QUERY_RATE:g} queries/s sustained, bursts of {QUERY_BURST:g} "
+                "(agent/dns/server.py QUERY_RATE, QUERY_BURST); queries over it are dropped (counted as "
+                "ratelimited above) and the client's wait for them shows as timeouts. Each in-flight run "
+                f"({cfg.dns_warmup} + {cfg.dns_burst} queries) starts after a {refill:.2f} s pause (both "
+                "variants) in which the bucket refills at least that many, so its queries/s is the proxy's "
+                f"own speed; a pod asking more than {QUERY_RATE:g} queries/s for longer than the burst gets "
+                f"{QUERY_RATE:g}/s from the mesh by design. Mesh runs that met the limiter anyway "
+                f"(load, name, run, queries dropped): {limited or 'none'}.",
+                "The stand-in server answers a repeated query from a cache of built answers (as CoreDNS's "
+                "cache plugin does), so the baseline server is about as quick as a Python server can be; "
+                "the forwarded figure includes that server's time in both variants."]}

@@ -17,12 +17,12 @@ from lab import sysops
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("0_loadgen_ceiling", "1_bulk", "2_request_response", "3_new_connections", "4_agent_cost",
-             "5_capture_cost", "6_cni", "7_scaling")
+             "5_capture_cost", "6_cni", "7_scaling", "8_dns")
 # The variant pairs each scenario must report side by side.
 PAIRS = {"1_bulk": ("baseline", "mesh"), "2_request_response": ("baseline", "mesh"),
          "3_new_connections": ("baseline", "mesh"), "4_agent_cost": ("baseline", "mesh"),
          "5_capture_cost": ("baseline", "eBPF"), "6_cni": ("baseline", "mesh"),
-         "7_scaling": ("baseline", "mesh")}
+         "7_scaling": ("baseline", "mesh"), "8_dns": ("baseline", "mesh")}
 
 pytestmark = pytest.mark.lab
 
@@ -80,3 +80,17 @@ def test_results_name_the_machine_and_every_target(short_run):
     assert "## Targets (measured / target)" in md and "| kernel |" in md
     iptables = results["scenarios"]["5_capture_cost"]["raw"]["iptables_connections_through_agent"]
     assert iptables > 0          # the iptables variant really went through the agent
+
+
+def test_dns_mesh_queries_went_through_the_agents_proxy(short_run):
+    _done, results, md = short_run
+    dns = results["scenarios"]["8_dns"]
+    agent = dns["raw"]["agent"]
+    # The Service name answered by the agent itself, the external name forwarded by it.
+    assert agent.get("local", 0) > 0 and agent.get("forwarded", 0) > 0, agent
+    metrics = {r["metric"] for r in dns["rows"]}
+    for kind in ("external name", "Service name"):
+        for p in ("p50", "p90", "p99"):
+            assert any(m.startswith(kind) and m.endswith(f"one at a time {p}") for m in metrics), (kind, p)
+    assert all("added" in r for r in dns["rows"] if r["unit"] == "ms")
+    assert "## 8_dns:" in md
