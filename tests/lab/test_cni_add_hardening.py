@@ -31,7 +31,7 @@ import pytest
 from lab import sysops
 from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest, namespace, pod, strict_mtls
-from tests.lab.conftest import PEER, agent_pod, connect, counters, settle, unique_name, wait_for
+from tests.lab.conftest import PEER, agent_pod, connect, counters, running_lab, wait_for
 
 MANIFEST = manifest(
     MESH_NAMESPACE, namespace("plain"), MESH_CLIENT,
@@ -46,13 +46,8 @@ NODE = {"mesh/client": "node1", "mesh/mover": "node1", "mesh/server": "node2", "
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("cadd"), pod_timeout=20.0, agent_args=["--reconcile-seconds", "3600"])
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("cadd", MANIFEST, agent_args=["--reconcile-seconds", "3600"]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def _record(lab: Lab, pod: str) -> dict:

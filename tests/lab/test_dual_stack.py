@@ -20,7 +20,7 @@ import pytest
 
 from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, manifest, pod, service
-from tests.lab.conftest import agent_pod, connect, counters, settle, unique_name, wait_for
+from tests.lab.conftest import agent_pod, connect, counters, running_lab, settle, unique_name, wait_for
 from tests.lab.test_observe import fetch, series
 
 SERVER_ID = "spiffe://cluster.local/ns/mesh/sa/server"
@@ -38,13 +38,8 @@ LAB_V6 = ipaddress.ip_network("fd00:198:18::/48")
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("ds"), pod_timeout=20.0, dual_stack=True)
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("ds", MANIFEST, dual_stack=True) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def ip6(lab: Lab, pod_name: str) -> str:

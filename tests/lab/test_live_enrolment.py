@@ -18,9 +18,8 @@ import sys
 import pytest
 
 from agent.capture import bpfsys
-from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest, namespace
-from tests.lab.conftest import agent_pod, connect, counters, settle, unique_name, wait_for
+from tests.lab.conftest import agent_pod, connect, counters, running_lab, settle, wait_for
 
 MANIFEST = manifest(MESH_NAMESPACE, namespace("plain"), MESH_CLIENT, MESH_SERVER)
 
@@ -34,13 +33,8 @@ spec: {nodeName: node1, serviceAccountName: late}
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("live"), pod_timeout=20.0, agent_args=["--reconcile-seconds", "0.5"])
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("live", MANIFEST, agent_args=["--reconcile-seconds", "0.5"]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

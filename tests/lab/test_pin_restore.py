@@ -10,9 +10,8 @@ import subprocess
 
 import pytest
 
-from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, manifest, pod
-from tests.lab.conftest import connect, settle, unique_name, wait_for
+from tests.lab.conftest import connect, running_lab, wait_for
 
 MANIFEST = manifest(MESH_NAMESPACE, MESH_CLIENT, pod("server", "mesh", node="node1", sa="server"))
 DELETED = ("pod_config", "inbound_config", "listeners", "prog_sk_lookup")
@@ -20,13 +19,8 @@ DELETED = ("pod_config", "inbound_config", "listeners", "prog_sk_lookup")
 
 @pytest.fixture
 def lab():
-    lab = Lab(unique_name("pin"), pod_timeout=20.0, agent_args=["--reconcile-seconds", "0.5"])
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("pin", MANIFEST, agent_args=["--reconcile-seconds", "0.5"]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def pinned_id(path: str) -> int:

@@ -19,9 +19,8 @@ import time
 
 import pytest
 
-from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, MESH_SERVER, manifest
-from tests.lab.conftest import PEER, agent_pod, settle, unique_name, wait_for
+from tests.lab.conftest import PEER, agent_pod, running_lab, unique_name, wait_for
 
 DRAIN = 2.0
 MANIFEST = manifest(MESH_NAMESPACE, MESH_CLIENT, MESH_SERVER)
@@ -29,14 +28,8 @@ MANIFEST = manifest(MESH_NAMESPACE, MESH_CLIENT, MESH_SERVER)
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("drn"), pod_timeout=20.0,
-              agent_args=["--reconcile-seconds", "0.5", "--drain-seconds", str(DRAIN)])
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("drn", MANIFEST, agent_args=["--reconcile-seconds", "0.5", "--drain-seconds", str(DRAIN)]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def test_a_released_pods_open_connection_drains_then_is_cut(lab, servers):

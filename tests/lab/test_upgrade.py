@@ -26,7 +26,7 @@ from agent.capture import inpod
 from agent.netns import NetnsSwitcher
 from lab.lab import Lab
 from tests.builders import MESH, manifest, pod
-from tests.lab.conftest import PEER, agent_pod, settle, unique_name, wait_for
+from tests.lab.conftest import PEER, agent_pod, running_lab, unique_name, wait_for
 
 DRAIN = 8.0          # --drain-seconds of every agent in this lab
 
@@ -35,13 +35,8 @@ MANIFEST = manifest(*MESH, pod("outsider", "default", node="node1"))
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab(unique_name("up"), pod_timeout=20.0, agent_args=["--drain-seconds", str(DRAIN)])
-    try:
-        lab.up(MANIFEST)
-        settle(lab)
+    with running_lab("up", MANIFEST, agent_args=["--drain-seconds", str(DRAIN)]) as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 class Clients:
