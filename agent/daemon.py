@@ -714,7 +714,8 @@ class NodeAgent:
             return
         resolver = Resolver(rec.namespace, lambda ns, name: service_addresses(self.state, ns, name),
                             self.config.cluster_domain,
-                            hosts=lambda name: resolve_host(self.state, name, rec.namespace))
+                            hosts=lambda name: resolve_host(self.state, name, rec.namespace),
+                            generation=lambda: self.state)
         counters = self.dns_counters.setdefault(rec.key, DnsCounters())
         udp = [s for s in listeners.dns if s.type == socket.SOCK_DGRAM]
         tcp = [s for s in listeners.dns if s.type == socket.SOCK_STREAM]

@@ -4,6 +4,7 @@ read with dnspython."""
 
 from __future__ import annotations
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.opcode
@@ -254,3 +255,62 @@ def test_services_win_over_serviceentry_hosts():
     r = Resolver("shop", lookup, hosts=lambda n: ("240.240.0.1",))
     decision = r.decide(dns.message.make_query("web.shop.svc.cluster.local.", "A").to_wire(), True)
     assert isinstance(decision, Reply) and addresses(decision) == ["198.19.0.10"]
+
+
+# -- built answers kept per pod until the state changes ----------------------------
+
+def _cached_resolver(state: dict, calls: list) -> Resolver:
+    def counting(ns: str, name: str):
+        calls.append((ns, name))
+        return state["services"].get((ns, name))
+    return Resolver("shop", counting, "cluster.local", generation=lambda: state["version"])
+
+
+def test_a_cached_answer_is_the_built_one_with_the_new_id():
+    state, calls = {"version": object(), "services": dict(SERVICES)}, []
+    r, plain = _cached_resolver(state, calls), resolver()
+    for udp in (True, False):
+        for rdtype, kw in (("A", {}), ("AAAA", {}), ("A", {"use_edns": 0, "payload": 1232}),
+                           ("A", {"want_dnssec": True})):
+            for qid in (1, 2, 65535):
+                query = dns.message.make_query("dual.shop.svc.cluster.local.", rdtype, **kw)
+                query.id = qid
+                got, built = r.decide(query.to_wire(), udp), plain.decide(query.to_wire(), udp)
+                assert isinstance(got, Reply) and got == built, (rdtype, kw, udp, qid)
+                assert dns.message.from_wire(got.wire).id == qid
+    # One build per distinct query (flags, EDNS and transport are part of it), not per id.
+    assert len(calls) == 2 * 4
+
+
+def test_the_cache_starts_afresh_when_the_state_changes():
+    state, calls = {"version": object(), "services": dict(SERVICES)}, []
+    r = _cached_resolver(state, calls)
+    wire = dns.message.make_query("web.shop.svc.cluster.local.", "A").to_wire()
+    assert addresses(r.decide(wire, True)) == ["198.19.0.10"]
+    state["services"][("shop", "web")] = ("198.19.0.99",)
+    assert addresses(r.decide(wire, True)) == ["198.19.0.10"]      # same state object: kept
+    state["version"] = object()
+    assert addresses(r.decide(wire, True)) == ["198.19.0.99"]      # a new state: built again
+    del state["services"][("shop", "web")]
+    state["version"] = object()
+    assert isinstance(r.decide(wire, True), Forward)               # gone: upstream's name now
+
+
+def test_only_local_answers_are_kept_and_the_cache_is_bounded():
+    from agent.dns.resolver import ANSWER_CACHE, CACHED_QUERY_BYTES
+    state, calls = {"version": object(), "services": dict(SERVICES)}, []
+    r = _cached_resolver(state, calls)
+    external = dns.message.make_query("example.org.", "A").to_wire()
+    for _ in range(3):
+        assert isinstance(r.decide(external, True), Forward)
+    assert len(calls) == 3 and not r._cache                        # forwarded: decided every time
+    nodata = dns.message.make_query("v6only.other.svc.cluster.local.", "A").to_wire()
+    assert r.decide(nodata, True).outcome == "nodata" and len(r._cache) == 1
+    for i in range(ANSWER_CACHE + 10):                              # distinct ids in the question
+        state["services"][("shop", f"s{i}")] = ("198.19.1.1",)
+        r.decide(dns.message.make_query(f"s{i}.shop.svc.cluster.local.", "A").to_wire(), True)
+        assert len(r._cache) <= ANSWER_CACHE
+    big = dns.message.make_query("web.shop.svc.cluster.local.", "A", use_edns=0,
+                                 options=[dns.edns.GenericOption(65001, b"x" * CACHED_QUERY_BYTES)])
+    before = len(r._cache)
+    assert r.decide(big.to_wire(), True).outcome == "local" and len(r._cache) == before   # too long to keep
