@@ -245,13 +245,15 @@ class PodDns:
     async def _ask_udp(self, server: str, fwd: Forward) -> bytes | None:
         loop = asyncio.get_running_loop()
         with self._upstream_socket(server, socket.SOCK_DGRAM) as sock:
-            await loop.sock_connect(sock, (server, UPSTREAM_PORT))
-            await loop.sock_sendall(sock, fwd.query)
-            deadline = loop.time() + UPSTREAM_TIMEOUT
-            while True:
-                data = await asyncio.wait_for(loop.sock_recv(sock, 65535), max(0.0, deadline - loop.time()))
-                if matches(fwd, data):
-                    return data         # anything else (a stray or late datagram) is ignored
+            # UDP: connect() only sets the peer and a datagram on a fresh socket
+            # is sent whole at once (or raises): neither needs the event loop.
+            sock.connect((server, UPSTREAM_PORT))
+            sock.send(fwd.query)
+            async with asyncio.timeout(UPSTREAM_TIMEOUT):      # one deadline, no extra task
+                while True:
+                    data = await loop.sock_recv(sock, 65535)
+                    if matches(fwd, data):
+                        return data     # anything else (a stray or late datagram) is ignored
 
     async def _ask_tcp(self, server: str, fwd: Forward) -> bytes | None:
         loop = asyncio.get_running_loop()
