@@ -721,7 +721,7 @@ class NodeAgent:
         tcp = [s for s in listeners.dns if s.type == socket.SOCK_STREAM]
         server = self.dns[listeners.cookie] = PodDns(
             rec.key, resolver, udp, tcp, listeners.netns_fd, self.switcher, counters, self.metrics.agent.dns_query,
-            upstream=PodResolvConf(listeners.netns_fd, self.config.host_proc).get)
+            upstream=PodResolvConf(listeners.netns_fd, self.config.host_proc).current)
         server.begin()
 
     def _restore_steering(self, key: str, pod: CapturedPod) -> None:

@@ -25,7 +25,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.dns.resolver import (
@@ -75,6 +75,12 @@ class PodResolvConf:
     (a container's); cached for ``RESOLV_CONF_TTL``. Before any container
     runs (CNI ADD comes first) and when none can be read, the agent's own
     /etc/resolv.conf: ztunnel forwards to its own resolvers too.
+
+    Finding that process scans the node's /proc (milliseconds on a busy
+    node), so reads run on a worker thread: the event loop carrying every
+    pod's traffic never waits for a scan. The pod's first query waits for
+    the first read (made then, not at capture: the containers run by then);
+    later, a stale answer serves while the next read runs.
     """
 
     def __init__(self, netns_fd: int, proc: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
@@ -84,14 +90,39 @@ class PodResolvConf:
         self.clock = clock
         self._cached: ResolvConf | None = None
         self._at = 0.0
+        self._refreshing: asyncio.Future | None = None
         self.source = ""
 
-    def get(self) -> ResolvConf:
-        now = self.clock()
-        if self._cached is None or now - self._at > RESOLV_CONF_TTL:
-            self._cached, self.source = self._read()
-            self._at = now
-        return self._cached
+    async def current(self) -> ResolvConf:
+        """The pod's resolvers as last read (the first time: once read); a read
+        older than ``RESOLV_CONF_TTL`` starts a new one in the background."""
+        if self._cached is None:
+            self._refresh()
+            assert self._refreshing is not None
+            try:
+                await asyncio.shield(self._refreshing)     # its callback has stored the result
+            except Exception as exc:     # _read handles OSError: a bug, not the pod's fault
+                log.error("reading a pod's resolv.conf failed: %r", exc)
+        elif self.clock() - self._at > RESOLV_CONF_TTL:
+            self._refresh()
+        return self._cached or ResolvConf((), ())
+
+    def _refresh(self) -> None:
+        """Read on a worker thread, unless a read is under way (event loop thread)."""
+        if self._refreshing is not None:
+            return
+        self._at = self.clock()       # a failed read is retried after the TTL, not at every query
+        self._refreshing = asyncio.get_running_loop().run_in_executor(None, self._read)
+
+        def done(fut: asyncio.Future) -> None:
+            self._refreshing = None
+            if not fut.cancelled() and fut.exception() is None:
+                self._store(fut.result())
+        self._refreshing.add_done_callback(done)
+
+    def _store(self, read: tuple[ResolvConf, str]) -> None:
+        self._cached, self.source = read
+        self._at = self.clock()
 
     def _read(self) -> tuple[ResolvConf, str]:
         try:
@@ -128,7 +159,7 @@ class PodDns:
     def __init__(self, key: str, resolver: Resolver, udp: list[socket.socket], tcp: list[socket.socket],
                  netns_fd: int, switcher: NetnsSwitcher, counters: DnsCounters,
                  on_outcome: Callable[[str], None] = lambda outcome: None,
-                 upstream: Callable[[], ResolvConf] | None = None) -> None:
+                 upstream: Callable[[], Awaitable[ResolvConf]] | None = None) -> None:
         self.key = key
         self.resolver = resolver
         self._udp_socks = udp
@@ -137,7 +168,7 @@ class PodDns:
         self.switcher = switcher
         self.counters = counters
         self.on_outcome = on_outcome
-        self.upstream = upstream or PodResolvConf(netns_fd).get
+        self.upstream = upstream or PodResolvConf(netns_fd).current
         self.bucket = TokenBucket(QUERY_RATE, QUERY_BURST)
         self.in_flight = 0
         self.tcp_connections = 0
@@ -210,7 +241,7 @@ class PodDns:
     async def _forward(self, fwd: Forward, udp: bool, respond: Callable[[bytes], None]) -> None:
         try:
             answer = None
-            for server in self.upstream().nameservers[:3]:      # glibc's MAXNS
+            for server in (await self.upstream()).nameservers[:3]:      # glibc's MAXNS
                 try:
                     answer = await (self._ask_udp(server, fwd) if udp else self._ask_tcp(server, fwd))
                     if answer is not None and udp and truncated(answer):

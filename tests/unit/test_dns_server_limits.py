@@ -14,7 +14,11 @@ from agent.dns.resolver import ResolvConf, Resolver, TokenBucket
 from agent.dns.server import DnsCounters, PodDns
 
 
-def make(upstream=lambda: ResolvConf((), ())) -> tuple[PodDns, list[bytes], list[str]]:
+async def no_resolvers() -> ResolvConf:
+    return ResolvConf((), ())
+
+
+def make(upstream=no_resolvers) -> tuple[PodDns, list[bytes], list[str]]:
     outcomes: list[str] = []
     pod = PodDns("shop/web", Resolver("shop", lambda ns, name: ("198.19.0.10",) if name == "web" else None),
                  [], [], -1, None, DnsCounters(), outcomes.append, upstream)   # type: ignore[arg-type]
