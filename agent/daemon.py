@@ -182,7 +182,7 @@ class NodeAgent:
                                  excluded=tuple(config.excluded_namespaces))
         self.datapath = CaptureDatapath(config.pin_dir, config.cgroup)
         self.switcher = NetnsSwitcher()
-        self.inpod = InPodCapture(self.datapath, self.switcher, config.host_proc, dns=config.dns_capture)
+        self.inpod = InPodCapture(self.datapath, self.switcher, config.host_proc)
         self.dns: dict[int, PodDns] = {}        # by netns cookie: each pod's DNS proxy
         self.dns_counters: dict[str, DnsCounters] = {}
         self.records = RecordStore(os.path.join(config.run_dir, "pods"))
@@ -710,7 +710,7 @@ class NodeAgent:
 
     def _serve_dns(self, rec: PodRecord, listeners: PodListeners) -> None:
         """The pod's DNS proxy on its DNS listeners, once per set of listeners."""
-        if not listeners.dns_enabled or not listeners.dns or listeners.cookie in self.dns:
+        if not listeners.dns_enabled or listeners.cookie in self.dns:
             return
         resolver = Resolver(rec.namespace, lambda ns, name: service_addresses(self.state, ns, name),
                             self.config.cluster_domain,

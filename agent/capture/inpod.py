@@ -66,8 +66,9 @@ class PodListeners:
     hbone: socket.socket
     inbound6: socket.socket | None = None    # [::1]:15006, when the pod has IPv6
     hbone6: socket.socket | None = None      # [::1]:15008
-    # DNS (UDP and TCP on 127.0.0.1 and [::1] port 15053), when the node captures
-    # DNS; dns_enabled: this pod's queries are steered to them (set before enable()).
+    # DNS (UDP and TCP on 127.0.0.1 and [::1] port 15053), opened once the pod's
+    # DNS is to be captured (want_dns, set_dns); dns_enabled: its queries are
+    # steered to them (set before enable()).
     dns: list[socket.socket] = field(default_factory=list)
     dns_enabled: bool = False
 
@@ -197,8 +198,7 @@ class InPodCapture:
     """Turns pods' capture on and off; owns their listeners."""
 
     def __init__(self, datapath: CaptureDatapath, switcher: NetnsSwitcher,
-                 host_proc: str = "/proc", dns: bool = False) -> None:
-        self.dns = dns       # open DNS listeners (the node's --dns-capture)
+                 host_proc: str = "/proc") -> None:
         self.datapath = datapath
         self.switcher = switcher
         self.host_proc = host_proc   # for open_netns: the node's namespace is never a pod's
@@ -231,14 +231,7 @@ class InPodCapture:
             # would reset the connections then waiting in the old listeners.
             log.warning("network namespace %s: cannot set net.ipv4.tcp_migrate_req=1 (%s); an agent "
                         "upgrade may reset connections still queued in its listeners", netns_path, migration)
-        dns: list[socket.socket] = []
-        if self.dns:
-            try:
-                dns = self.switcher.run(netns_fd, _open_dns)
-            except OSError as exc:
-                # The pod's DNS then stays uncaptured (POD_DNS unset); its TCP is captured.
-                log.warning("network namespace %s: no DNS listeners, DNS not captured: %s", netns_path, exc)
-        return PodListeners(netns_fd, netns_cookie(inbound), outbound, inbound, hbone, inbound6, hbone6, dns)
+        return PodListeners(netns_fd, netns_cookie(inbound), outbound, inbound, hbone, inbound6, hbone6)
 
     def enable(self, listeners: PodListeners, ips: list[str], probe_sources: list[str]) -> None:
         dp = self.datapath
@@ -248,28 +241,34 @@ class InPodCapture:
             dp.set_listener(ip, LISTENER_HBONE, hbone)
             dp.set_inbound(ip, probe_sources)
         dp.attach_netns(listeners.cookie, listeners.netns_fd)
-        dp.set_outbound(listeners.cookie, ips, dns=listeners.dns_enabled and bool(listeners.dns))
+        dp.set_outbound(listeners.cookie, ips, dns=listeners.dns_enabled)
 
     def want_dns(self, listeners: PodListeners, wanted: bool) -> None:
-        """Before ``enable``: whether the pod's DNS is to be captured. A pod that
-        wants it on a node whose default is off gets its DNS listeners here;
-        if they cannot be opened its DNS stays uncaptured (logged)."""
-        if wanted and not listeners.dns:
+        """Before ``enable``: whether the pod's DNS is to be captured (the node's
+        ``--dns-capture`` or the pod's annotation); its DNS listeners are opened
+        here if so. If they cannot be, its DNS stays uncaptured (``POD_DNS``
+        unset, logged); its TCP is captured."""
+        if wanted:
             try:
-                listeners.dns = self.switcher.run(listeners.netns_fd, _open_dns)
+                self._dns_listeners(listeners)
             except OSError as exc:
-                log.warning("pod namespace %s: no DNS listeners, DNS not captured: %s",
+                log.warning("pod network namespace %s: no DNS listeners, DNS not captured: %s",
                             listeners.cookie, exc)
         listeners.dns_enabled = wanted and bool(listeners.dns)
 
     def set_dns(self, listeners: PodListeners, ips: list[str], wanted: bool) -> None:
         """Steer a captured pod's DNS to its DNS listeners, or stop (its pod's
         ``dns-capture`` annotation changed). Listeners are opened first when the
-        pod has none (the node's default is off): on failure nothing changes."""
-        if wanted and not listeners.dns:
-            listeners.dns = self.switcher.run(listeners.netns_fd, _open_dns)
+        pod has none: on failure nothing changes."""
+        if wanted:
+            self._dns_listeners(listeners)
         self.datapath.set_outbound(listeners.cookie, ips, dns=wanted)
         listeners.dns_enabled = wanted
+
+    def _dns_listeners(self, listeners: PodListeners) -> None:
+        """Open the pod's DNS listeners unless it has them (from the first time it wanted them)."""
+        if not listeners.dns:
+            listeners.dns = self.switcher.run(listeners.netns_fd, _open_dns)
 
     def disable(self, cookie: int, ips: list[str]) -> None:
         dp = self.datapath
