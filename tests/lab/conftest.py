@@ -83,6 +83,18 @@ def agent_pod(lab: Lab, node: str, pod: str) -> dict:
     raise AssertionError(f"agent of {node} does not know {pod}: {json.dumps(status)}")
 
 
+def records(lab: Lab, node: str, pod: str, destination: str) -> list[dict]:
+    """The connection records the node's agent keeps for ``pod`` to ``destination`` ("ip:port", "[ip6]:port")."""
+    return [r for r in agent_pod(lab, node, pod)["connections"] if r["destination"] == destination]
+
+
+def pod_ip6(lab: Lab, pod: str) -> str:
+    """The pod's one IPv6 address (a dual-stack lab's pod)."""
+    ips = [x["ip"] for x in lab.pod(pod)["status"]["podIPs"] if ":" in x["ip"]]
+    assert len(ips) == 1, lab.pod(pod)["status"]
+    return ips[0]
+
+
 def counters(lab: Lab, node: str, pod: str, direction: str) -> dict:
     return agent_pod(lab, node, pod)["counters"][direction]
 

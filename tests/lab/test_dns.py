@@ -29,7 +29,7 @@ import pytest
 
 from lab.lab import Lab
 from tests.builders import AMBIENT, manifest, namespace, pod, service
-from tests.lab.conftest import agent_pod, resolv_container, running_lab, settle, unique_name
+from tests.lab.conftest import agent_pod, pod_ip6, resolv_container, running_lab, settle, unique_name
 from tests.lab.test_observe import fetch, series
 
 DNS_SERVER = str(Path(__file__).with_name("dns_server.py"))
@@ -341,7 +341,7 @@ def test_ipv6_pods_resolve_through_the_capture(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(server)
         assert server.stdout.readline().strip() == "ready", server.stderr.read()
-        dns6 = next(i["ip"] for i in lab.pod("plain/dns")["status"]["podIPs"] if ":" in i["ip"])
+        dns6 = pod_ip6(lab, "plain/dns")
         conf = tmp_path / "resolv.conf"
         conf.write_text(f"nameserver {dns6}\nsearch mesh.svc.cluster.local svc.cluster.local cluster.local\n"
                         "options ndots:5 timeout:3 attempts:2\n")
@@ -362,7 +362,7 @@ def test_ipv6_pods_resolve_through_the_capture(tmp_path):
         status = lab.agent_request("node1", {"op": "status"})
         api6 = status["dns"]["allocated_vips"]["mesh/api/api.external.test"][1]
         assert ipaddress.ip_address(api6) in ipaddress.ip_network("2001:2::/48"), status["dns"]
-        server6 = next(i["ip"] for i in lab.pod("mesh/server")["status"]["podIPs"] if ":" in i["ip"])
+        server6 = pod_ip6(lab, "mesh/server")
         expected = {"api.external.test": [api6], "x.wild6.test": [WILD6], "db.mesh.svc.cluster.local": [server6],
                     "v4only.mesh.svc.cluster.local": []}
         for opts in ((), ("+tcp",)):

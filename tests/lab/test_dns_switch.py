@@ -36,8 +36,8 @@ import pytest
 from agent.state.model import load_state_text
 from agent.state.serviceentry import resolve_host
 from tests.builders import AMBIENT, manifest, namespace, pod, service
-from tests.lab.conftest import agent_pod, connect, resolv_container, running_lab, settle, wait_for
-from tests.lab.test_dns import CLUSTER_DNS_WEB, DNS_SERVER, ZONE, service_ip
+from tests.lab.conftest import agent_pod, connect, records, resolv_container, running_lab, settle, wait_for
+from tests.lab.test_dns import CLUSTER_DNS_WEB, DNS_SERVER, ZONE, dig, service_ip
 from tests.lab.test_observe import fetch, series
 
 ANNOTATION = "ambient.istio.io/dns-capture"
@@ -90,15 +90,6 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         proc.kill()
         proc.wait(10)
-
-
-def dig(lab, pod_name: str, name: str) -> list[str]:
-    """``dig`` in the pod's container, at the DNS server pod (the capture decides who answers)."""
-    done = lab.run(pod_name, ["nsenter", "-t", str(lab.containers[pod_name]), "-m", "--",
-                              "dig", f"@{lab.pod_ip('plain/dns')}", name, "A", "+short", "+time=3", "+tries=2"],
-                   timeout=30)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return sorted(line for line in done.stdout.split("\n") if line and not line.startswith(";"))
 
 
 def annotate(lab, value: str | None) -> None:
@@ -157,8 +148,7 @@ def test_a_serviceentry_connection_reports_the_entry_and_its_host(lab, servers):
     vip = resolve_host(load_state_text(Path(lab.state_path).read_text()), PRIVATE_HOST, "other")[0]
     ok, banner = connect(lab, "other/client", vip, 80, "to-the-entry")
     assert ok and banner.startswith("db"), banner
-    record = wait_for(lambda: next((r for r in agent_pod(lab, "node1", "other/client")["connections"]
-                                    if r["destination"] == f"{vip}:80"), None), what="the connection record")
+    record = wait_for(lambda: records(lab, "node1", "other/client", f"{vip}:80"), what="the connection record")[-1]
     assert record["protocol"] == "HBONE", record
     labels = {"destination_service": PRIVATE_HOST, "destination_service_name": "private",
               "destination_service_namespace": "other", "destination_workload": "db",

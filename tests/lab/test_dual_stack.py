@@ -18,9 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from lab.lab import Lab
 from tests.builders import MESH_CLIENT, MESH_NAMESPACE, manifest, pod, service
-from tests.lab.conftest import agent_pod, connect, counters, running_lab, settle, unique_name, wait_for
+from tests.lab.conftest import (
+    agent_pod,
+    connect,
+    counters,
+    pod_ip6,
+    records,
+    running_lab,
+    settle,
+    unique_name,
+    wait_for,
+)
 from tests.lab.test_observe import fetch, series
 
 SERVER_ID = "spiffe://cluster.local/ns/mesh/sa/server"
@@ -42,16 +51,6 @@ def lab():
         yield lab
 
 
-def ip6(lab: Lab, pod_name: str) -> str:
-    ips = [x["ip"] for x in lab.pod(pod_name)["status"]["podIPs"] if ":" in x["ip"]]
-    assert len(ips) == 1, lab.pod(pod_name)["status"]
-    return ips[0]
-
-
-def connections(lab: Lab, node: str, pod_name: str, destination: str) -> list[dict]:
-    return [r for r in agent_pod(lab, node, pod_name)["connections"] if r["destination"] == destination]
-
-
 def test_pods_get_an_ipv4_and_an_ipv6_address_and_the_underlay_carries_both(lab):
     for name, node in (("mesh/client", "node1"), ("mesh/server", "node2"), ("default/peer", "node2")):
         status = lab.pod(name)["status"]
@@ -64,7 +63,7 @@ def test_pods_get_an_ipv4_and_an_ipv6_address_and_the_underlay_carries_both(lab)
                 if o["kind"] == "Node" and o["metadata"]["name"] == "node1")
     assert [ipaddress.ip_network(c).version for c in node["spec"]["podCIDRs"]] == [4, 6]
     # Node to node over the IPv6 underlay: node1 -> node2's pod subnet route.
-    done = lab.node_run("node1", ["ip", "-6", "route", "get", ip6(lab, "mesh/server")], check=True)
+    done = lab.node_run("node1", ["ip", "-6", "route", "get", pod_ip6(lab, "mesh/server")], check=True)
     assert lab.store.node_record("node2")["underlay_ip6"] in done.stdout
 
 
@@ -76,14 +75,14 @@ def test_discovery_finds_the_pod_by_its_ipv6_address(lab):
     for name, node in (("mesh/client", "node1"), ("mesh/server", "node2")):
         p = agent_pod(lab, node, name)
         assert p["enrolled"], p
-        assert ip6(lab, name) in p["ips"], p
+        assert pod_ip6(lab, name) in p["ips"], p
 
 
 def test_ipv6_pod_to_pod_goes_over_hbone_and_no_plaintext_crosses_the_wire(lab, servers, tmp_path):
     srv = servers(lab)
     srv.serve("mesh/server", 7080, "app", host="::")
     srv.serve("default/peer", 7081, "plain", host="::")
-    client6, server6 = ip6(lab, "mesh/client"), ip6(lab, "mesh/server")
+    client6, server6 = pod_ip6(lab, "mesh/client"), pod_ip6(lab, "mesh/server")
     pcap = tmp_path / "wire6.pcap"
     dump = lab.wire_exec(["tcpdump", "-i", "wire", "--immediate-mode", "-U", "-n", "-Z", "root",
                           "-w", str(pcap), "ip6 and tcp"],
@@ -95,7 +94,7 @@ def test_ipv6_pod_to_pod_goes_over_hbone_and_no_plaintext_crosses_the_wire(lab, 
         assert ok, banner
         assert f"local={server6}:7080" in banner, banner
         control = "CONTROL6-MARKER-" + unique_name()
-        ok, banner = connect(lab, "default/outsider", ip6(lab, "default/peer"), 7081, control)
+        ok, banner = connect(lab, "default/outsider", pod_ip6(lab, "default/peer"), 7081, control)
         assert ok, banner
         time.sleep(0.5)
     finally:
@@ -115,10 +114,10 @@ def test_ipv6_pod_to_pod_goes_over_hbone_and_no_plaintext_crosses_the_wire(lab, 
                 ports.add(d_port if d_ip == server6 else s_port)
     assert ports == {"15008"}, ports
     # Both agents record the IPv6 peers: the client's as source, [server]:7080 as destination.
-    out = connections(lab, "node1", "mesh/client", f"[{server6}]:7080")[-1]
+    out = records(lab, "node1", "mesh/client", f"[{server6}]:7080")[-1]
     assert out["protocol"] == "HBONE" and out["destination_identity"] == SERVER_ID, out
     assert out["source"].startswith(f"[{client6}]:"), out
-    inbound = wait_for(lambda: connections(lab, "node2", "mesh/server", f"[{server6}]:7080"),
+    inbound = wait_for(lambda: records(lab, "node2", "mesh/server", f"[{server6}]:7080"),
                        what="the server's record of the IPv6 stream")[-1]
     assert inbound["protocol"] == "HBONE" and inbound["source"].startswith(f"[{client6}]:"), inbound
 
@@ -127,7 +126,7 @@ def test_metrics_name_the_ipv6_peers_workloads(lab, servers):
     """Both reporters resolve the IPv6 peer address to its pod (labels from the right peer)."""
     srv = servers(lab)
     srv.serve("mesh/server", 7082, "metrics", host="::")
-    ok, banner = connect(lab, "mesh/client", ip6(lab, "mesh/server"), 7082, "y" * 64)
+    ok, banner = connect(lab, "mesh/client", pod_ip6(lab, "mesh/server"), 7082, "y" * 64)
     assert ok, banner
     common = dict(source_workload="client", source_workload_namespace="mesh",
                   source_principal="spiffe://cluster.local/ns/mesh/sa/client",
@@ -151,8 +150,8 @@ def test_dual_stack_service_reaches_the_ipv6_endpoint_over_hbone(lab, servers):
     assert ipaddress.ip_address(v6) in LAB_V6
     ok, banner = connect(lab, "mesh/client", v6, 80, "via-service6")
     assert ok, banner
-    assert banner.startswith("svc ") and f"local={ip6(lab, 'mesh/server')}:7080" in banner, banner
-    rec = connections(lab, "node1", "mesh/client", f"[{v6}]:80")[-1]
+    assert banner.startswith("svc ") and f"local={pod_ip6(lab, 'mesh/server')}:7080" in banner, banner
+    rec = records(lab, "node1", "mesh/client", f"[{v6}]:80")[-1]
     assert rec["protocol"] == "HBONE" and rec["destination_identity"] == SERVER_ID, rec
     # The IPv4 cluster IP of the same Service still picks the IPv4 endpoint.
     ok, banner = connect(lab, "mesh/client", v4, 80, "via-service4")
@@ -163,7 +162,7 @@ def test_ipblocks_and_destination_ip_match_ipv6(lab, servers):
     srv = servers(lab)
     srv.serve("mesh/server", 7090, "blocks", host="::")
     srv.serve("mesh/server", 7091, "dest", host="::")
-    client6, server6 = ip6(lab, "mesh/client"), ip6(lab, "mesh/server")
+    client6, server6 = pod_ip6(lab, "mesh/client"), pod_ip6(lab, "mesh/server")
     lab.apply(f"""
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -206,7 +205,7 @@ spec: {selector: {matchLabels: {app: nobody}}, action: DENY, rules: [{}]}
 def test_ipv6_probes_from_the_node_bypass_capture(lab, servers):
     srv = servers(lab)
     srv.serve("mesh/server", 8081, "probe-target", host="::")
-    server6 = ip6(lab, "mesh/server")
+    server6 = pod_ip6(lab, "mesh/server")
     before = counters(lab, "node2", "mesh/server", "inbound")
     # The kubelet probes from the node: the source is the pod's IPv6 gateway (cni0).
     ok, banner = connect(lab, None, server6, 8081, "probe", node="node2")
@@ -217,5 +216,5 @@ def test_ipv6_probes_from_the_node_bypass_capture(lab, servers):
     ok, banner = connect(lab, None, server6, 8081, "remote", node="node1")
     assert ok, banner
     assert counters(lab, "node2", "mesh/server", "inbound")["connections"] == before["connections"] + 1
-    rec = connections(lab, "node2", "mesh/server", f"[{server6}]:8081")[-1]
+    rec = records(lab, "node2", "mesh/server", f"[{server6}]:8081")[-1]
     assert rec["source"].startswith(f"[{lab.store.node_record('node1')['underlay_ip6']}]:"), rec

@@ -33,7 +33,17 @@ import pytest
 from lab.lab import Lab
 from lab.model import IP_FAMILIES_ANNOTATION
 from tests.builders import AMBIENT, MESH_CLIENT, MESH_NAMESPACE, manifest, namespace, pod
-from tests.lab.conftest import agent_pod, connect, resolv_container, running_lab, settle, unique_name, wait_for
+from tests.lab.conftest import (
+    agent_pod,
+    connect,
+    pod_ip6,
+    records,
+    resolv_container,
+    running_lab,
+    settle,
+    unique_name,
+    wait_for,
+)
 
 DNS_SERVER = str(Path(__file__).with_name("dns_server.py"))
 V6_ONLY = {IP_FAMILIES_ANNOTATION: "IPv6"}
@@ -89,7 +99,7 @@ def lab(tmp_path_factory):
             # client6's "container": a private mount namespace whose /etc/resolv.conf names
             # the DNS pod's IPv6 address (the only family client6 can reach).
             conf = tmp / "resolv.conf"
-            conf.write_text(f"nameserver {ip6(lab, 'plain/dns')}\noptions timeout:3 attempts:2\n")
+            conf.write_text(f"nameserver {pod_ip6(lab, 'plain/dns')}\noptions timeout:3 attempts:2\n")
             holder = resolv_container(lab, "mesh/client6", conf)
             procs.append(holder)
             lab.container_pid = holder.pid       # type: ignore[attr-defined]
@@ -100,16 +110,6 @@ def lab(tmp_path_factory):
                 proc.wait(10)
 
 
-def ip6(lab: Lab, pod_name: str) -> str:
-    ips = [x["ip"] for x in lab.pod(pod_name)["status"]["podIPs"] if ":" in x["ip"]]
-    assert len(ips) == 1, lab.pod(pod_name)["status"]
-    return ips[0]
-
-
-def records(lab: Lab, node: str, pod_name: str, destination: str) -> list[dict]:
-    return [r for r in agent_pod(lab, node, pod_name)["connections"] if r["destination"] == destination]
-
-
 def _known(lab: Lab, node: str, pod_name: str) -> bool:
     status = lab.agent_request(node, {"op": "status"})
     return any(f"{p['namespace']}/{p['name']}" == pod_name for p in status["pods"])
@@ -118,7 +118,7 @@ def _known(lab: Lab, node: str, pod_name: str) -> bool:
 def test_an_ipv6_only_pod_has_no_ipv4_address_or_route(lab):
     for name, node in (("mesh/client6", "node1"), ("mesh/server6", "node2")):
         status = lab.pod(name)["status"]
-        v6 = ip6(lab, name)
+        v6 = pod_ip6(lab, name)
         assert status["podIP"] == v6 and [x["ip"] for x in status["podIPs"]] == [v6], status
         assert ipaddress.ip_address(v6) in ipaddress.ip_network(lab.store.node_record(node)["pod_subnet6"])
         inside = lab.run(name, ["ip", "-4", "-o", "addr", "show"], check=True).stdout
@@ -133,7 +133,7 @@ def test_an_ipv6_only_pod_has_no_ipv4_address_or_route(lab):
 def test_ipv6_only_pod_is_enrolled_and_reached_over_hbone(lab, servers, tmp_path):
     srv = servers(lab)
     srv.serve("mesh/server6", 7080, "app6", host="::")
-    server6 = ip6(lab, "mesh/server6")
+    server6 = pod_ip6(lab, "mesh/server6")
     p = agent_pod(lab, "node2", "mesh/server6")
     assert p["enrolled"] and p["ips"] == [server6], p
     pcap = tmp_path / "wire6.pcap"
@@ -159,10 +159,10 @@ def test_ipv6_only_pod_is_enrolled_and_reached_over_hbone(lab, servers, tmp_path
     for client in markers:
         out = records(lab, "node1", client, f"[{server6}]:7080")[-1]
         assert out["protocol"] == "HBONE" and out["destination_identity"] == SERVER_ID, out
-        assert out["source"].startswith(f"[{ip6(lab, client)}]:"), out
+        assert out["source"].startswith(f"[{pod_ip6(lab, client)}]:"), out
     # The server side checked the IPv6 :authority against the pod's only address.
     inbound = wait_for(lambda: [r for r in records(lab, "node2", "mesh/server6", f"[{server6}]:7080")
-                                if r["source"].startswith(f"[{ip6(lab, 'mesh/client6')}]:")],
+                                if r["source"].startswith(f"[{pod_ip6(lab, 'mesh/client6')}]:")],
                        what="the server's record of client6's stream")[-1]
     assert inbound["protocol"] == "HBONE" and inbound["outcome"] == "closed", inbound
 
@@ -182,7 +182,7 @@ def test_discovery_finds_an_ipv6_only_pod_by_its_address(lab, servers):
         lab.start_agents = True
         lab.start_agent("node1")
     settle(lab)
-    late6, server6 = ip6(lab, "plain/late6"), ip6(lab, "mesh/server6")
+    late6, server6 = pod_ip6(lab, "plain/late6"), pod_ip6(lab, "mesh/server6")
     assert [x["ip"] for x in lab.pod("plain/late6")["status"]["podIPs"]] == [late6]
     assert not _known(lab, "node1", "plain/late6")
     lab.set_labels("Namespace", None, "plain", AMBIENT)
@@ -214,7 +214,7 @@ def test_ipv6_only_pod_resolves_a_serviceentry_host_and_connects_by_name(lab, se
     # dig AAAA over UDP and TCP: the agent's answer, through the IPv6 DNS capture.
     for opts in ((), ("+tcp",)):
         done = lab.run("mesh/client6", ["nsenter", "-t", str(lab.container_pid), "-m", "--",
-                                        "dig", f"@{ip6(lab, 'plain/dns')}", ENTRY_HOST, "AAAA", "+short",
+                                        "dig", f"@{pod_ip6(lab, 'plain/dns')}", ENTRY_HOST, "AAAA", "+short",
                                         "+time=3", "+tries=2", *opts], timeout=30)
         assert done.stdout.split() == [vip6], done.stdout + done.stderr
     # glibc, as an application would: getaddrinfo for any family, then connect to
@@ -225,7 +225,7 @@ def test_ipv6_only_pod_resolves_a_serviceentry_host_and_connects_by_name(lab, se
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     assert vip6 in got["addresses"] and got["connected"] == vip6, got
-    assert got["reply"].startswith("by-name ") and f"local={ip6(lab, 'mesh/server6')}:7090" in got["reply"], got
+    assert got["reply"].startswith("by-name ") and f"local={pod_ip6(lab, 'mesh/server6')}:7090" in got["reply"], got
     rec = records(lab, "node1", "mesh/client6", f"[{vip6}]:80")[-1]
     assert rec["protocol"] == "HBONE" and rec["destination_identity"] == SERVER_ID, rec
     counted = lab.agent_request("node1", {"op": "status"})["dns"]["pods"]["mesh/client6"]
@@ -238,7 +238,7 @@ def test_capture_of_an_ipv6_only_pod_comes_back_after_records_and_bpf_state_are_
     enrolled IPv6-only pod's network namespace again by its address."""
     srv = servers(lab)
     srv.serve("mesh/server6", 7082, "after-restart", host="::")
-    client6, server6 = ip6(lab, "mesh/client6"), ip6(lab, "mesh/server6")
+    client6, server6 = pod_ip6(lab, "mesh/client6"), pod_ip6(lab, "mesh/server6")
     lab.stop_agent("node1")
     done = subprocess.run([sys.executable, "-m", "agent.cli", "capture", "teardown",
                            "--pin-dir", lab.pin_dir("node1")], capture_output=True, text=True, timeout=30)
