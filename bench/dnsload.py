@@ -46,17 +46,11 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 
+# Run as a script from bench/ (in a lab pod), beside loadgen.py: the same percentiles.
+from loadgen import percentiles
+
 HEADER = 12
 CACHE_LIMIT = 4096
-
-
-def percentiles(values: list[float], points=(50, 90, 99)) -> dict:
-    """Nearest-rank percentiles in milliseconds (values in seconds), as bench/loadgen.py."""
-    if not values:
-        return {f"p{p}": None for p in points}
-    s = sorted(values)
-    return {f"p{p}": s[max(0, min(len(s) - 1, round(p / 100.0 * len(s) + 0.5) - 1))] * 1000.0
-            for p in points}
 
 
 # --- server ---------------------------------------------------------------------

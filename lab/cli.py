@@ -199,19 +199,19 @@ def _wait(proc: subprocess.Popen) -> int:
 
 
 def _exec(args: argparse.Namespace) -> int:
-    cmd = _split_command(args)
-    try:
-        proc = _lab(args).exec(args.target, cmd)
-    except (KeyError, OSError, RuntimeError) as exc:   # RuntimeError: LabError
-        print(f"lab {args.name}: {_msg(exc)}", file=sys.stderr)
-        return 127 if isinstance(exc, FileNotFoundError) else 1
-    return _wait(proc)
+    return _run_in(args, lambda lab: lab.exec)
 
 
 def _node_exec(args: argparse.Namespace) -> int:
+    return _run_in(args, lambda lab: lab.node_exec)
+
+
+def _run_in(args: argparse.Namespace, start) -> int:
+    """Run the command in ``args.target`` (a pod or a node: ``start`` picks the lab's
+    ``exec`` or ``node_exec``) and exit as it does."""
     cmd = _split_command(args)
     try:
-        proc = _lab(args).node_exec(args.target, cmd)
+        proc = start(_lab(args))(args.target, cmd)
     except (KeyError, OSError, RuntimeError) as exc:   # RuntimeError: LabError
         print(f"lab {args.name}: {_msg(exc)}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 1
